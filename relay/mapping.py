@@ -1,0 +1,258 @@
+"""Frotcom batch → validated positions → Cartrack events. Pure functions only.
+
+Everything here is decided without I/O so it can be tested with tables: what counts
+as a valid position, why an invalid one is quarantined, which event type a position
+gets, and exactly which keys an event carries (the spec's keys, no others).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from relay.timeutil import format_ms, parse_timestamp
+
+MAX_VEHICLE_ID_LENGTH = 128
+
+
+class BadRequest(ValueError):
+    """The request body as a whole is unusable: answered 400 with this detail."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    vehicle_id: str
+    ts_ms: int
+    latitude: float
+    longitude: float
+    speed: float
+    ignition: bool
+    odometer: float | None
+    raw: Any
+
+    @property
+    def event_ts(self) -> str:
+        return format_ms(self.ts_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Input kept verbatim in quarantine, with the reason it could not be used."""
+
+    vehicle_id: str | None
+    reason: str
+    raw: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedBatch:
+    positions: list[Position]
+    rejected: list[Rejected]
+
+
+@dataclass(frozen=True, slots=True)
+class VehicleState:
+    last_ts_ms: int
+    ignition: bool
+
+
+# -- parsing -------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"body is not valid JSON: {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"body is not valid JSON: number {text[:40]} is out of range")
+    return value
+
+
+def decode_body(body: bytes) -> Any:
+    """Strict JSON: UTF-8 only, no NaN/Infinity, no numbers that overflow a double."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body is not UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except BadRequest:
+        raise
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal longer than Python allows
+        raise BadRequest(f"body is not valid JSON: {str(exc)[:120]}") from None
+
+
+def parse_batch(body: Any, now_ms: int, max_future_ms: int) -> ParsedBatch:
+    """Split a decoded Frotcom body into valid positions and quarantined input."""
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object with a 'PvtMessages' array")
+    messages = body.get("PvtMessages")
+    if not isinstance(messages, list):
+        raise BadRequest("'PvtMessages' must be an array")
+    positions: list[Position] = []
+    rejected: list[Rejected] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            rejected.append(Rejected(None, f"PvtMessages[{index}]: not an object", message))
+            continue
+        vehicle_id, problem = _vehicle_id(message.get("VehicleID"))
+        if vehicle_id is None:
+            rejected.append(Rejected(None, f"PvtMessages[{index}].VehicleID: {problem}", message))
+            continue
+        raw_positions = message.get("Positions")
+        if not isinstance(raw_positions, list):
+            reason = f"PvtMessages[{index}].Positions: missing or not an array"
+            rejected.append(Rejected(vehicle_id, reason, message))
+            continue
+        for raw in raw_positions:
+            result = parse_position(vehicle_id, raw, now_ms, max_future_ms)
+            if isinstance(result, Position):
+                positions.append(result)
+            else:
+                rejected.append(result)
+    return ParsedBatch(positions, rejected)
+
+
+def _vehicle_id(value: Any) -> tuple[str | None, str]:
+    # Frotcom documents VehicleID as text but may send a JSON number.
+    if isinstance(value, bool) or value is None:
+        return None, "missing" if value is None else "must be text"
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str):
+        return None, "must be text or an integer"
+    value = value.strip()
+    if not value:
+        return None, "empty"
+    if len(value) > MAX_VEHICLE_ID_LENGTH or not value.isprintable():
+        return None, f"not a plausible id (printable, at most {MAX_VEHICLE_ID_LENGTH} chars)"
+    return value, ""
+
+
+def _number(raw: dict[str, Any], key: str, lo: float, hi: float | None) -> float | str:
+    value = raw.get(key)
+    if value is None:
+        return f"{key}: missing" if key not in raw else f"{key}: must be a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{key}: must be a number"
+    number = float(value)
+    if not math.isfinite(number) or number < lo or (hi is not None and number > hi):
+        span = f"{lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
+        return f"{key}: {value!r} out of range ({span})"
+    return number
+
+
+def parse_position(
+    vehicle_id: str, raw: Any, now_ms: int, max_future_ms: int
+) -> Position | Rejected:
+    """Validate one position; the first problem found becomes the quarantine reason."""
+    if not isinstance(raw, dict):
+        return Rejected(vehicle_id, "position: not an object", raw)
+    stamp = raw.get("Timestamp")
+    if not isinstance(stamp, str):
+        return Rejected(vehicle_id, "Timestamp: missing or not text", raw)
+    try:
+        ts_ms = parse_timestamp(stamp)
+    except (ValueError, OverflowError):
+        return Rejected(vehicle_id, f"Timestamp: {stamp[:64]!r} is not ISO-8601", raw)
+    if ts_ms - now_ms > max_future_ms:
+        ahead = (ts_ms - now_ms) // 1000
+        return Rejected(
+            vehicle_id, f"Timestamp: {ahead}s in the future (limit {max_future_ms // 1000}s)", raw
+        )
+    checks = (
+        ("Latitude", -90.0, 90.0),
+        ("Longitude", -180.0, 180.0),
+        ("Speed", 0.0, None),
+    )
+    numbers: list[float] = []
+    for key, lo, hi in checks:
+        value = _number(raw, key, lo, hi)
+        if isinstance(value, str):
+            return Rejected(vehicle_id, value, raw)
+        numbers.append(value)
+    if raw.get("Direction") is not None:
+        direction = _number(raw, "Direction", 0.0, 360.0)
+        if isinstance(direction, str):
+            return Rejected(vehicle_id, direction, raw)
+    ignition = raw.get("Ignition")
+    if not isinstance(ignition, bool):
+        return Rejected(vehicle_id, "Ignition: missing or not true/false", raw)
+    odometer: float | None = None
+    if raw.get("Odometer") is not None:
+        value = _number(raw, "Odometer", 0.0, None)
+        if isinstance(value, str):
+            return Rejected(vehicle_id, value, raw)
+        odometer = value
+    latitude, longitude, speed = numbers
+    return Position(vehicle_id, ts_ms, latitude, longitude, speed, ignition, odometer, raw)
+
+
+# -- decisions -----------------------------------------------------------------------
+
+
+def next_event_type(
+    state: VehicleState | None, ts_ms: int, ignition: bool
+) -> tuple[str, VehicleState | None]:
+    """Event type of one position given its vehicle's state, and the state after it.
+
+    The first position of a vehicle is PERIODIC; a position not newer than the newest
+    seen (late or repeated) is PERIODIC and leaves the state alone.
+    """
+    if state is None:
+        return "PERIODIC", VehicleState(ts_ms, ignition)
+    if ts_ms <= state.last_ts_ms:
+        return "PERIODIC", state
+    new_state = VehicleState(ts_ms, ignition)
+    if ignition != state.ignition:
+        return ("IGNITION_ON" if ignition else "IGNITION_OFF"), new_state
+    return "PERIODIC", new_state
+
+
+def provider_event_id(provider: str, vehicle_id: str, ts_ms: int) -> str:
+    return f"{provider}:{vehicle_id}:{format_ms(ts_ms)}"
+
+
+def build_event(
+    position: Position, event_type: str, provider: str, received_at: str
+) -> dict[str, Any]:
+    """The Cartrack event for a position, without ``chassis_number``.
+
+    The VIN is added when the event is sent, so a corrected vehicle map applies to
+    rows already in the outbox.
+    """
+    event: dict[str, Any] = {
+        "event_type": event_type,
+        "event_ts": position.event_ts,
+        "source": {
+            "provider": provider,
+            "device_id": position.vehicle_id,
+            "provider_event_id": provider_event_id(provider, position.vehicle_id, position.ts_ms),
+            "provider_received_ts": received_at,
+        },
+        "position": {"latitude": position.latitude, "longitude": position.longitude},
+    }
+    # Cartrack requires speed, ignition and odometer together; Frotcom's PVT data has
+    # no odometer, so telemetry goes only with positions that carry one.
+    if position.odometer is not None:
+        event["telemetry"] = {
+            "speed": position.speed,
+            "ignition": position.ignition,
+            "odometer": position.odometer,
+        }
+    return event
+
+
+def with_vin(payload: str, vin: str) -> bytes:
+    """The request body for a stored payload: chassis_number goes in at send time."""
+    event = json.loads(payload)
+    event["chassis_number"] = vin
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
