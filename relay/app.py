@@ -1,0 +1,183 @@
+"""``create_app(config)``: the one place that builds the relay, for ``serve`` and tests.
+
+Lifecycle is a chain of ``cleanup_ctx`` generators: open the outbox, start the
+forwarder, start maintenance; they unwind in reverse, so the outbox closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from relay.cartrack import CartrackClient
+from relay.config import Config
+from relay.forwarder import RESCAN_SECONDS, Forwarder
+from relay.outbox.storage import Outbox
+from relay.state import OUTBOX, STATE, RelayState
+from relay.timeutil import Clock, format_epoch, system_clock
+from relay.web import add_routes, json_errors
+
+log = structlog.get_logger("relay.app")
+
+PURGE_INTERVAL_SECONDS = 3600.0
+
+
+def create_app(
+    config: Config,
+    *,
+    clock: Clock = system_clock,
+    rand: Callable[[], float] = random.random,
+    rescan_seconds: float = RESCAN_SECONDS,
+) -> web.Application:
+    # The body limit is enforced by the handler with a JSON 413; aiohttp's own limit
+    # only has to stay out of its way.
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes + 1, middlewares=[json_errors]
+    )
+    app[STATE] = RelayState(
+        config=config,
+        clock=clock,
+        vehicles=config.vehicles,
+        tokens=tuple(t.encode() for t in config.frotcom.tokens),
+    )
+    add_routes(app, config.server.path)
+
+    async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
+        outbox = await Outbox.open(config.outbox.path, clock)
+        app[OUTBOX] = outbox
+        log.info("outbox_opened", path=str(config.outbox.path))
+        try:
+            yield
+        finally:
+            await outbox.close()
+            log.info("outbox_closed")
+
+    async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+        outbox = app[OUTBOX]
+        state.fatal = asyncio.get_running_loop().create_future()
+        # Held rows of vehicles mapped since the last run go out now.
+        released = await outbox.release_held(state.vehicles)
+        if released:
+            log.info("held_released", vehicles=len(released), rows=sum(released.values()))
+        connector = aiohttp.TCPConnector(limit=config.cartrack.concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            client = CartrackClient(
+                session,
+                config.cartrack.url,
+                config.cartrack.api_key,
+                config.cartrack.timeout_seconds,
+                clock=clock,
+            )
+            forwarder = Forwarder(
+                outbox,
+                client,
+                state.vehicles,
+                config.retry,
+                config.cartrack.concurrency,
+                clock=clock,
+                rand=rand,
+                rescan_seconds=rescan_seconds,
+            )
+            state.forwarder = forwarder
+            state.forwarder_task = supervise(app, forwarder.run(), "forwarder")
+            try:
+                yield
+            finally:
+                await forwarder.stop()
+                await _bounded(state.forwarder_task, config.server.shutdown_timeout_seconds)
+                log.info("forwarder_stopped", **dict(forwarder.stats))
+
+    async def maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
+        if config.outbox.keep_sent_days <= 0:
+            yield
+            return
+        task = supervise(app, purge_loop(app), "purge")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    app.cleanup_ctx.extend([outbox_ctx, forwarder_ctx, maintenance_ctx])
+    return app
+
+
+def supervise(
+    app: web.Application, coro: Coroutine[Any, Any, None], name: str
+) -> asyncio.Task[None]:
+    """Run a background task whose death stops the service loudly."""
+    task = asyncio.create_task(coro, name=name)
+
+    def done(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        fatal = app[STATE].fatal
+        if exc is not None:
+            log.critical("task_crashed", task=name, exc_info=exc)
+        elif not _stopping(app):
+            exc = RuntimeError(f"background task {name} exited unexpectedly")
+            log.critical("task_exited", task=name)
+        else:
+            return
+        if fatal is not None and not fatal.done():
+            fatal.set_result(exc)
+
+    task.add_done_callback(done)
+    return task
+
+
+def _stopping(app: web.Application) -> bool:
+    forwarder = app[STATE].forwarder
+    return forwarder is None or forwarder.stopping
+
+
+async def _bounded(task: asyncio.Task[None] | None, timeout: float) -> None:
+    if task is None:
+        return
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        log.warning("shutdown_timeout", task=task.get_name(), timeout=timeout)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def purge_loop(app: web.Application) -> None:
+    state = app[STATE]
+    outbox = app[OUTBOX]
+    keep = state.config.outbox.keep_sent_days * 86400
+    interval = min(PURGE_INTERVAL_SECONDS, keep / 4)
+    while True:
+        cutoff = format_epoch(state.clock() - keep)
+        deleted = await outbox.purge_sent(cutoff)
+        if deleted:
+            log.info("sent_purged", rows=deleted, before=cutoff)
+        await asyncio.sleep(interval)
+
+
+async def reload_vehicles(app: web.Application, vehicles: Mapping[str, str]) -> dict[str, int]:
+    """Apply a new vehicle map (SIGHUP): held rows of newly mapped vehicles go out now."""
+    state = app[STATE]
+    added = sorted(set(vehicles) - set(state.vehicles))
+    removed = sorted(set(state.vehicles) - set(vehicles))
+    state.vehicles = vehicles
+    if state.forwarder is not None:
+        state.forwarder.set_vehicles(vehicles)
+    released = await app[OUTBOX].release_held(vehicles)
+    if state.forwarder is not None and released:
+        state.forwarder.notify(released)
+    log.info(
+        "vehicles_reloaded",
+        vehicles=len(vehicles),
+        added=len(added),
+        removed=len(removed),
+        released_rows=sum(released.values()),
+    )
+    return released

@@ -1,0 +1,346 @@
+"""The forwarder: delivers pending outbox rows to Cartrack, one event per request.
+
+Design:
+- One *lane* (a task) per vehicle with pending rows. A lane walks its vehicle's rows in
+  timestamp order and never has more than one request in flight, and it retries the
+  head row until that row is sent or dead-lettered: events of one vehicle reach
+  Cartrack in order. Lanes exist only while a vehicle has work.
+- A semaphore bounds requests in flight across lanes (``cartrack.concurrency``).
+- Delivered rows are acknowledged to the outbox in batches by one flusher task; a crash
+  between delivery and flush re-sends those events, which Cartrack absorbs by
+  ``provider_event_id``. Retries and dead-letters are written at once.
+- 401/403 pause every lane; one probe at a time, on the backoff schedule, until Cartrack
+  accepts our key again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from relay.cartrack import CartrackClient, Outcome, Verdict, backoff_delay, retry_delay
+from relay.config import RetryConfig
+from relay.mapping import with_vin
+from relay.outbox.storage import Outbox, OutboxRow
+from relay.timeutil import Clock, format_ms, parse_timestamp, system_clock
+
+log = structlog.get_logger("relay.forwarder")
+
+LANE_BATCH = 100
+RESCAN_SECONDS = 5.0
+
+
+@dataclass
+class PauseState:
+    """Set while Cartrack refuses our key (401/403)."""
+
+    since: float
+    probes: int
+    probe_at: float
+    status: int | None
+
+
+class Forwarder:
+    def __init__(
+        self,
+        outbox: Outbox,
+        client: CartrackClient,
+        vehicles: Mapping[str, str],
+        retry: RetryConfig,
+        concurrency: int,
+        clock: Clock = system_clock,
+        rand: Callable[[], float] = random.random,
+        rescan_seconds: float = RESCAN_SECONDS,
+    ) -> None:
+        self.outbox = outbox
+        self.client = client
+        self.vehicles = vehicles
+        self.retry = retry
+        self.clock = clock
+        self.rand = rand
+        self.rescan_seconds = rescan_seconds
+        self.stats: Counter[str] = Counter()
+        self.pause: PauseState | None = None
+        self._slots = asyncio.Semaphore(concurrency)
+        self._probe_lock = asyncio.Lock()
+        self._lanes: dict[str, asyncio.Task[None]] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._acks: list[tuple[int, int | None]] = []
+        self._unacked: set[int] = set()
+        self._ack_ready = asyncio.Event()
+        self._fatal: BaseException | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    def notify(self, vehicle_ids: Iterable[str]) -> None:
+        """New pending rows were committed for these vehicles."""
+        self._dirty.update(vehicle_ids)
+        self._wake.set()
+
+    def set_vehicles(self, vehicles: Mapping[str, str]) -> None:
+        self.vehicles = vehicles
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    async def run(self) -> None:
+        """Dispatch lanes until stopped; raises if a lane or the flusher hits a bug."""
+        flusher = asyncio.create_task(self._flush_loop(), name="forwarder-flusher")
+        try:
+            self._dirty.update(await self.outbox.pending_vehicles())
+            next_rescan = self.clock() + self.rescan_seconds
+            while not self._stopping.is_set():
+                if self._fatal is not None:
+                    raise self._fatal
+                if flusher.done():
+                    flusher.result()
+                    raise RuntimeError("ack flusher stopped")
+                if self.clock() >= next_rescan:
+                    # Catches rows changed behind our back: `requeue` from the CLI.
+                    self._dirty.update(await self.outbox.pending_vehicles())
+                    next_rescan = self.clock() + self.rescan_seconds
+                for vehicle_id in list(self._dirty):
+                    if vehicle_id not in self._lanes:
+                        self._start_lane(vehicle_id)
+                self._wake.clear()
+                timeout = max(0.0, next_rescan - self.clock())
+                await _wait_any(self._wake, self._stopping, timeout)
+        finally:
+            await self._drain(flusher)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def _drain(self, flusher: asyncio.Task[None]) -> None:
+        self._stopping.set()
+        lanes = list(self._lanes.values())
+        if lanes:
+            # Lanes exit at their next wait; an in-flight request is allowed to finish
+            # (bounded by cartrack.timeout_seconds). The caller bounds the whole stop.
+            await asyncio.gather(*lanes, return_exceptions=True)
+        self._ack_ready.set()
+        await asyncio.gather(flusher, return_exceptions=True)
+        if self._acks:
+            await self._flush_once()
+
+    # -- lanes ---------------------------------------------------------------------------
+
+    def _start_lane(self, vehicle_id: str) -> None:
+        task = asyncio.create_task(self._lane(vehicle_id), name=f"lane-{vehicle_id}")
+        self._lanes[vehicle_id] = task
+        task.add_done_callback(lambda t: self._lane_done(vehicle_id, t))
+
+    def _lane_done(self, vehicle_id: str, task: asyncio.Task[None]) -> None:
+        self._lanes.pop(vehicle_id, None)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, sqlite3.OperationalError):
+            # Disk full, I/O error, lock timeout: environmental. The rows stay pending;
+            # the next rescan restarts the lane.
+            self.stats["storage_errors"] += 1
+            log.error("lane_storage_error", vehicle_id=vehicle_id, error=str(exc))
+            return
+        log.critical("lane_crashed", vehicle_id=vehicle_id, exc_info=exc)
+        self._fatal = exc
+        self._wake.set()
+
+    async def _lane(self, vehicle_id: str) -> None:
+        while not self._stopping.is_set():
+            self._dirty.discard(vehicle_id)
+            rows = await self.outbox.next_rows(vehicle_id, LANE_BATCH + len(self._unacked))
+            rows = [row for row in rows if row.id not in self._unacked][:LANE_BATCH]
+            if not rows:
+                if vehicle_id in self._dirty:
+                    continue
+                return
+            for row in rows:
+                vin = self.vehicles.get(vehicle_id)
+                if vin is None:
+                    held = await self.outbox.hold_vehicle(vehicle_id)
+                    log.warning("vehicle_unmapped", vehicle_id=vehicle_id, held=held)
+                    return
+                if not await self._deliver(row, vin):
+                    return
+
+    async def _deliver(self, row: OutboxRow, vin: str) -> bool:
+        """Send one row until it is sent or dead-lettered; False when stopping."""
+        body = with_vin(row.payload, vin)
+        attempts = row.attempts
+        due_ms = parse_timestamp(row.next_attempt_at)
+        while True:
+            delay = due_ms / 1000 - self.clock()
+            if delay > 0 and await _wait_stop(self._stopping, delay):
+                return False
+            if self._stopping.is_set():
+                return False
+            outcome = await self._send(body)
+            attempts += 1
+            if outcome.verdict is Verdict.SENT:
+                self.stats["sent"] += 1
+                self._acks.append((row.id, outcome.status))
+                self._unacked.add(row.id)
+                self._ack_ready.set()
+                return True
+            if outcome.verdict is Verdict.REJECTED:
+                self.stats["failed"] += 1
+                await self.outbox.mark_failed(row.id, outcome.status, outcome.detail)
+                log.error(
+                    "event_rejected",
+                    row_id=row.id,
+                    vehicle_id=row.vehicle_id,
+                    event_ts=row.event_ts,
+                    status=outcome.status,
+                    detail=outcome.detail[:200],
+                    attempts=attempts,
+                )
+                await self.outbox.set_state("last_error", _describe(outcome))
+                return True
+            if outcome.verdict is Verdict.AUTH and self.pause is not None:
+                wait = max(0.0, self.pause.probe_at - self.clock())
+            else:
+                wait = retry_delay(
+                    attempts,
+                    self.retry.initial_seconds,
+                    self.retry.max_seconds,
+                    outcome.retry_after,
+                    self.rand,
+                )
+            due_ms = int((self.clock() + wait) * 1000)
+            self.stats["retried"] += 1
+            await self.outbox.mark_retry(row.id, format_ms(due_ms), outcome.status, outcome.detail)
+            await self.outbox.set_state("last_error", _describe(outcome))
+            log.warning(
+                "delivery_failed",
+                row_id=row.id,
+                vehicle_id=row.vehicle_id,
+                verdict=str(outcome.verdict),
+                status=outcome.status,
+                detail=outcome.detail[:200],
+                attempts=attempts,
+                retry_in=round(wait, 3),
+            )
+
+    async def _send(self, body: bytes) -> Outcome:
+        while True:
+            if self.pause is None:
+                async with self._slots:
+                    if self.pause is not None:
+                        continue
+                    outcome = await self.client.send(body)
+                if outcome.verdict is Verdict.AUTH:
+                    self._enter_pause(outcome)
+                return outcome
+            # Paused: every lane queues here, and one probe goes out at a time.
+            async with self._probe_lock:
+                pause = self.pause
+                if pause is None:
+                    continue
+                delay = pause.probe_at - self.clock()
+                if delay > 0 and await _wait_stop(self._stopping, delay):
+                    # Stopping: report the pause so the row is left pending.
+                    return Outcome(Verdict.AUTH, pause.status, "paused: shutting down", None, 0.0)
+                outcome = await self.client.send(body)
+                self.stats["probes"] += 1
+                if outcome.verdict in (Verdict.SENT, Verdict.REJECTED):
+                    log.info(
+                        "forwarder_resumed",
+                        paused_for=round(self.clock() - pause.since, 3),
+                        probes=pause.probes + 1,
+                    )
+                    self.pause = None
+                else:
+                    pause.probes += 1
+                    pause.probe_at = self.clock() + backoff_delay(
+                        pause.probes + 1,
+                        self.retry.initial_seconds,
+                        self.retry.max_seconds,
+                        self.rand,
+                    )
+                    log.warning(
+                        "cartrack_probe_failed",
+                        status=outcome.status,
+                        probes=pause.probes,
+                        next_probe_in=round(pause.probe_at - self.clock(), 3),
+                    )
+                return outcome
+
+    def _enter_pause(self, outcome: Outcome) -> None:
+        if self.pause is not None:
+            return
+        now = self.clock()
+        delay = backoff_delay(1, self.retry.initial_seconds, self.retry.max_seconds, self.rand)
+        self.pause = PauseState(since=now, probes=0, probe_at=now + delay, status=outcome.status)
+        self.stats["pauses"] += 1
+        log.error(
+            "forwarder_paused",
+            reason="cartrack refused the API key",
+            status=outcome.status,
+            detail=outcome.detail[:200],
+        )
+
+    # -- acknowledgements ----------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._ack_ready.wait()
+            self._ack_ready.clear()
+            if self._acks:
+                try:
+                    await self._flush_once()
+                except sqlite3.OperationalError as exc:
+                    # Rows stay pending and excluded from lanes; try again shortly.
+                    log.error("ack_flush_failed", error=str(exc), rows=len(self._acks))
+                    if await _wait_stop(self._stopping, self.retry.initial_seconds):
+                        return
+                    self._ack_ready.set()
+            if self._stopping.is_set():
+                return  # _drain flushes what the last lanes acknowledge
+
+    async def _flush_once(self) -> None:
+        acks, self._acks = self._acks, []
+        try:
+            await self.outbox.mark_sent(acks)
+        except BaseException:
+            self._acks[:0] = acks
+            raise
+        self._unacked.difference_update(row_id for row_id, _ in acks)
+
+
+def _describe(outcome: Outcome) -> str:
+    status = "no response" if outcome.status is None else f"HTTP {outcome.status}"
+    return f"{status}: {outcome.detail[:500]}"
+
+
+async def _wait_stop(stop: asyncio.Event, timeout: float) -> bool:
+    """Sleep up to ``timeout``; True if ``stop`` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _wait_any(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:
+    waiters = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)

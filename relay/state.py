@@ -1,0 +1,36 @@
+"""Typed application keys and the small mutable state the handlers and tasks share."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from relay.config import Config
+from relay.timeutil import Clock
+
+if TYPE_CHECKING:
+    from relay.forwarder import Forwarder
+    from relay.outbox.storage import Outbox
+
+
+@dataclass
+class RelayState:
+    config: Config
+    clock: Clock
+    vehicles: Mapping[str, str]
+    tokens: tuple[bytes, ...]
+    stats: Counter[str] = field(default_factory=Counter)
+    forwarder: Forwarder | None = None
+    forwarder_task: asyncio.Task[None] | None = None
+    # Resolved with the exception of the first supervised task that dies; `serve`
+    # waits on it and exits non-zero so systemd restarts us.
+    fatal: asyncio.Future[BaseException] | None = None
+
+
+STATE = web.AppKey("state", RelayState)
+OUTBOX: web.AppKey[Outbox] = web.AppKey("outbox")
