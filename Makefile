@@ -1,0 +1,40 @@
+# cartrack-relay developer entry points. Everything runs from a local .venv that
+# `make` creates on first use, so a fresh clone needs only Python 3.11+ and make.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint format clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cartrack-relay needs Python 3.11 or newer (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the package metadata changes; -e keeps the venv on the working tree.
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the relay's main job locally: relay + Cartrack stand-in + Frotcom simulator.
+demo: $(STAMP)
+	$(BIN)/cartrack-relay demo $(DEMO_ARGS)
+
+## Lint, then the whole test suite (what CI runs through .ci/run).
+test: $(STAMP)
+	$(BIN)/ruff check relay tests
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check relay tests
+	$(BIN)/ruff format --check relay tests
+
+format: $(STAMP)
+	$(BIN)/ruff format relay tests
+	$(BIN)/ruff check --fix relay tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info demo .pytest_cache .ruff_cache .hypothesis

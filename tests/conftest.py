@@ -1,0 +1,139 @@
+"""Shared fixtures: real SQLite files, the real app, a real local fake Cartrack."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from relay.app import create_app
+from relay.config import Config, parse_config
+from relay.devtools.fake_cartrack import FakeCartrack
+from relay.logging import configure_logging
+
+TOKEN = "1234-5678-9097-8466"
+API_KEY = "test-api-key-0123456789"
+VIN = "WDB9634031L123456"
+VIN2 = "1HGCM82633A004352"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_logs() -> None:
+    # Console rendering without colours; capture_logs() in a test replaces this anyway.
+    configure_logging("warning", json=False)
+
+
+def position(
+    ts: str = "2023-10-25T16:29:31.087Z",
+    lat: float = 41.40338,
+    lon: float = 2.17803,
+    speed: float = 45.0,
+    ignition: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One Frotcom position, valid unless told otherwise."""
+    raw: dict[str, Any] = {
+        "Timestamp": ts,
+        "Latitude": lat,
+        "Longitude": lon,
+        "Speed": speed,
+        "Direction": 20.0,
+        "Ignition": ignition,
+    }
+    raw.update(extra)
+    return raw
+
+
+def batch(*messages: tuple[str | int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """A Frotcom PVT body from (VehicleID, positions) pairs."""
+    return {
+        "PvtMessages": [
+            {"VehicleID": vid, "LicensePlate": f"AA-{vid}", "Positions": list(positions)}
+            for vid, positions in messages
+        ]
+    }
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """Build a Config like a user's TOML would, with test-sized intervals.
+
+    Keyword arguments are sections to merge, e.g. ``make_config(retry={"max_seconds": 1})``.
+    """
+
+    def make(url: str = "http://127.0.0.1:9/api/data/ingest/telematics", **sections: Any) -> Config:
+        data: dict[str, Any] = {
+            "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_seconds": 5},
+            "frotcom": {"tokens": [TOKEN]},
+            "cartrack": {"url": url, "api_key": API_KEY, "timeout_seconds": 2, "concurrency": 8},
+            "outbox": {"path": str(tmp_path / "outbox.sqlite3")},
+            "retry": {"initial_seconds": 0.01, "max_seconds": 0.05},
+            "vehicles": {"9876543": VIN, "1111111": VIN2},
+        }
+        for name, values in sections.items():
+            if name == "vehicles":
+                data["vehicles"] = values
+            else:
+                data.setdefault(name, {}).update(values)
+        return parse_config(data, env={}, cwd=tmp_path)
+
+    return make
+
+
+@pytest.fixture
+async def cartrack() -> AsyncIterator[FakeCartrack]:
+    """A fake Cartrack on 127.0.0.1 that validates events and records them."""
+    fake = FakeCartrack(api_key=API_KEY)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+async def relay(
+    aiohttp_client: Callable[..., Any], make_config: Callable[..., Config], cartrack: FakeCartrack
+) -> TestClient:
+    """The real app, in process, delivering to the fake Cartrack."""
+    config = make_config(url=cartrack.url)
+    return await aiohttp_client(create_app(config, rescan_seconds=0.2))
+
+
+async def post_batch(client: TestClient, body: Any, token: str = TOKEN) -> tuple[int, Any]:
+    response = await client.post(
+        "/webhooks/frotcom", json=body, headers={"Authorization": token}
+    )
+    return response.status, await response.json()
+
+
+def rows(db: Path, where: str = "1", params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    """Outbox rows as an operator would see them with sqlite3."""
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(
+            f"SELECT * FROM positions WHERE {where} ORDER BY vehicle_id, event_ts", params
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition that has no event to wait on (e.g. rows in another process's DB)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "outbox.sqlite3"
