@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +106,7 @@ async def relay(
 
 
 async def post_batch(client: TestClient, body: Any, token: str = TOKEN) -> tuple[int, Any]:
-    response = await client.post(
-        "/webhooks/frotcom", json=body, headers={"Authorization": token}
-    )
+    response = await client.post("/webhooks/frotcom", json=body, headers={"Authorization": token})
     return response.status, await response.json()
 
 
@@ -135,5 +133,5 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "outbox.sqlite3"
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "outbox.sqlite3"

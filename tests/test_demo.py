@@ -38,9 +38,24 @@ async def test_demo_relays_every_simulated_position(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_command_exits_cleanly(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "relay", "demo", "--duration", "0.5", "--interval", "0.2",
-         "--vehicles", "2", "--dir", str(tmp_path / "d")],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "demo",
+            "--duration",
+            "0.5",
+            "--interval",
+            "0.2",
+            "--vehicles",
+            "2",
+            "--dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "Cartrack stand-in accepted" in result.stdout

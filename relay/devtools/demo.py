@@ -30,6 +30,12 @@ DEMO_API_KEY = "demo-api-key"
 PROGRESS_SECONDS = 0.5
 
 
+def _prepare(directory: Path) -> Path:
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def demo_config(directory: Path, cartrack_url: str, vehicles: int) -> Config:
     return parse_config(
         {
@@ -56,8 +62,7 @@ async def run_demo(
     out = sys.stdout if out is None else out
     # Logs would tear the progress line apart; only problems are shown.
     configure_logging("warning", json=False, stream=sys.stderr)
-    directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = await asyncio.to_thread(_prepare, directory)
     stop = asyncio.Event() if stop is None else stop
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -85,7 +90,9 @@ async def run_demo(
         )
         stats = SimulatorStats()
         simulator = asyncio.create_task(
-            simulate(webhook, DEMO_TOKEN, vehicles, interval, duration=duration, stop=stop, stats=stats),
+            simulate(
+                webhook, DEMO_TOKEN, vehicles, interval, duration=duration, stop=stop, stats=stats
+            ),
             name="simulator",
         )
         line = _progress(app, cartrack, stats, out)
@@ -112,7 +119,7 @@ async def run_demo(
         )
         print(
             f"Look inside:  sqlite3 {config.outbox.path} "
-            "\"SELECT status, count(*) FROM positions GROUP BY status\"",
+            '"SELECT status, count(*) FROM positions GROUP BY status"',
             file=out,
         )
     finally:
