@@ -143,10 +143,16 @@ def _number(raw: dict[str, Any], key: str, lo: float, hi: float | None) -> float
         return f"{key}: missing" if key not in raw else f"{key}: must be a number"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"{key}: must be a number"
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal beyond a double's range
+        number = math.inf
     if not math.isfinite(number) or number < lo or (hi is not None and number > hi):
         span = f"{lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
-        return f"{key}: {value!r} out of range ({span})"
+        shown = repr(value)
+        if len(shown) > 40:
+            shown = f"{shown[:40]}..."
+        return f"{key}: {shown} out of range ({span})"
     return number
 
 

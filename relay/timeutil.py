@@ -19,10 +19,16 @@ Clock = Callable[[], float]
 system_clock: Clock = time.time
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MIN_MS = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+_MAX_MS = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH) // timedelta(
+    milliseconds=1
+)
 # Strict ISO-8601 date-time: datetime.fromisoformat alone would also take week dates,
 # ordinal dates and a bare date, none of which Frotcom sends.
+# ASCII: \d would otherwise also match other scripts' digits.
 _ISO_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|z|[+-]\d{2}(:?\d{2})?)?"
+    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|z|[+-]\d{2}(:?\d{2})?)?",
+    re.ASCII,
 )
 
 
@@ -47,7 +53,11 @@ def parse_timestamp(text: str) -> int:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     delta = parsed - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    if not _MIN_MS <= ms <= _MAX_MS:
+        # An offset pushed the instant outside years 1..9999 UTC: it could not be formatted.
+        raise ValueError("instant out of range")
+    return ms
 
 
 def format_ms(ms: int) -> str:

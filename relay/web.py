@@ -39,9 +39,19 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(
+        response = error(
             exc.status, exc.reason, exc.text if exc.text != f"{exc.status}: {exc.reason}" else None
         )
+        if "Allow" in exc.headers:  # a 405 must say which methods are allowed
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except ConnectionError:
+        raise  # the client went away: nobody to answer
+    except Exception:
+        # A bug, not bad input. A 500 makes Frotcom resend, which the outbox absorbs
+        # even if the batch was already committed; the answer is still the documented JSON.
+        log.exception("request_failed", method=request.method, path=request.path)
+        return web.json_response({"error": "Internal server error"}, status=500)
 
 
 def token_ok(header: str | None, tokens: tuple[bytes, ...]) -> bool:

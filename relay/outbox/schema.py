@@ -12,6 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import quote
 
 BUSY_TIMEOUT_MS = 5000
 OUR_TABLES = {"positions", "quarantine", "vehicle_state", "relay_state"}
@@ -66,7 +67,9 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
         raise OutboxError(f"{path}: not a regular file")
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
-    uri = f"file:{path}?mode={'ro' if readonly else 'rwc'}"
+    # Percent-encoded: in a URI, "?", "#" and "%" in a directory name would otherwise
+    # silently open a different file.
+    uri = f"file:{quote(str(path))}?mode={'ro' if readonly else 'rwc'}"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -74,18 +77,28 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
     try:
         configure(conn)
         version = _check_identity(conn, path)
-        if not readonly:
-            if version < latest_version():
-                conn.execute("PRAGMA journal_mode = WAL")
-                migrate(conn)
-            elif conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise OutboxError(f"{path}: not a usable outbox database: {exc}") from None
     except OutboxError:
         conn.close()
         raise
+    if readonly:
+        return conn
+    try:
+        if version < latest_version():
+            conn.execute("PRAGMA journal_mode = WAL")
+            migrate(conn)
+        elif conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.Error as exc:
+        # Locked too long, disk full, a failed migration: the file itself is fine and
+        # still at its previous version (each migration is one transaction).
+        conn.close()
+        raise OutboxError(
+            f"{path}: cannot upgrade the outbox from schema version {version} "
+            f"to {latest_version()}: {exc}"
+        ) from None
     return conn
 
 

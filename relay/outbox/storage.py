@@ -27,6 +27,14 @@ from relay.timeutil import Clock, format_ms, parse_timestamp, system_clock
 T = TypeVar("T")
 _CHUNK = 500  # bound on SQL variables per statement
 
+# INDEXED BY: without statistics SQLite prefers the (status, updated_at) index here and
+# sorts every pending row for each vehicle (measured: 25 s for 200k rows, 500 vehicles,
+# against 5 ms on the partial index).
+PENDING_VEHICLE_AFTER = (
+    "SELECT vehicle_id FROM positions INDEXED BY positions_pending"
+    " WHERE status = 'pending' AND vehicle_id > ? ORDER BY vehicle_id LIMIT 1"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class StoreResult:
@@ -49,6 +57,12 @@ class OutboxRow:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=False)
+
+
+def _dumps_input(value: Any) -> str:
+    # Frotcom's JSON may carry lone surrogates ("\ud800"), which Python decodes but
+    # cannot encode as UTF-8 for SQLite; escaped ASCII keeps every input storable.
+    return json.dumps(value, separators=(",", ":"))
 
 
 def fingerprint(vehicle_id: str | None, raw: Any) -> str:
@@ -138,7 +152,7 @@ class Outbox:
                     received_at,
                     received_at,
                     _dumps(event),
-                    _dumps(p.raw),
+                    _dumps_input(p.raw),
                 )
                 (held_rows if held else pending_rows).append(row)
             sql = (
@@ -153,7 +167,7 @@ class Outbox:
                     received_at,
                     r.vehicle_id,
                     r.reason,
-                    _dumps(r.raw),
+                    _dumps_input(r.raw),
                     fingerprint(r.vehicle_id, r.raw),
                 )
                 for r in batch.rejected
@@ -211,20 +225,14 @@ class Outbox:
         """Vehicles with pending rows (a skip-scan over the partial index)."""
         async with self._lock:
             found: list[str] = []
-            last = ""
-            first = True
             # Loose index scan: one index seek per vehicle instead of a GROUP BY over
-            # every pending row.
+            # every pending row. "" sorts before every VehicleID (ids are never empty).
+            last = ""
             while True:
-                async with self._conn.execute(
-                    "SELECT vehicle_id FROM positions WHERE status = 'pending'"
-                    " AND (? OR vehicle_id > ?) ORDER BY vehicle_id LIMIT 1",
-                    (first, last),
-                ) as cursor:
+                async with self._conn.execute(PENDING_VEHICLE_AFTER, (last,)) as cursor:
                     row = await cursor.fetchone()
                 if row is None:
                     return found
-                first = False
                 last = row[0]
                 found.append(last)
 
