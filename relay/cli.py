@@ -2,21 +2,25 @@
 
 Every failure a user can cause ends in one line on stderr and a non-zero status,
 never a traceback:  2 = configuration or usage error, 3 = the outbox file cannot be
-used, 1 = anything else that went wrong at run time.
+used, 1 = anything else that went wrong at run time (e.g. the outbox stayed locked),
+141 = the reader of our output went away (``status | head``), like a SIGPIPE death.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from relay import __version__
+from relay.admin import AdminError, FilterError, parse_time
 from relay.config import Config, ConfigError, load_config
 from relay.logging import LEVELS, configure_logging
 from relay.outbox.schema import OutboxError
@@ -24,6 +28,7 @@ from relay.outbox.schema import OutboxError
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 EXIT_OUTBOX = 3
+EXIT_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
 DEFAULT_CONFIG = os.environ.get("CARTRACK_RELAY_CONFIG", "config.toml")
 
 
@@ -35,7 +40,42 @@ class CliError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        # One line, no usage block: the user sees what is wrong at a glance.
         self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
+
+
+def _iso_time(text: str) -> str:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _number(lo: float, *, strict: bool = False) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < lo or (strict and value == lo):
+            bound = f"> {lo:g}" if strict else f">= {lo:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number {bound}")
+        return value
+
+    return parse
+
+
+def _count(lo: int, hi: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {lo} to {hi}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="what is in the outbox")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("requeue", parents=[common], help="send failed rows again")
+    p = sub.add_parser(
+        "requeue",
+        parents=[common],
+        help="send failed rows again",
+        description="Put failed (or sent) rows back in the queue. Rows of vehicles without"
+        " a VIN in [vehicles] become 'held'. A running daemon picks the rows up within"
+        " seconds; the command is safe to run while it does.",
+    )
     p.add_argument(
         "--vehicle",
         action="append",
@@ -76,8 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="only this VehicleID (repeatable)",
     )
-    p.add_argument("--since", metavar="TIME", help="only positions at or after this ISO-8601 time")
-    p.add_argument("--until", metavar="TIME", help="only positions before this ISO-8601 time")
+    p.add_argument(
+        "--since",
+        type=_iso_time,
+        metavar="TIME",
+        help="only positions at or after this ISO-8601 time (UTC unless it has an offset)",
+    )
+    p.add_argument(
+        "--until", type=_iso_time, metavar="TIME", help="only positions before this ISO-8601 time"
+    )
     p.add_argument(
         "--status",
         default="failed",
@@ -86,12 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="count, change nothing")
 
-    p = sub.add_parser("purge", parents=[common], help="delete old sent rows and quarantine")
+    p = sub.add_parser(
+        "purge",
+        parents=[common],
+        help="delete old sent rows and quarantine",
+        description="Delete sent rows (and with --quarantine, quarantine rows) older than"
+        " DAYS, in small transactions so a running daemon is not blocked. Pending, held"
+        " and failed rows are never deleted.",
+    )
     p.add_argument(
         "--older-than-days",
-        type=float,
+        type=_number(0),
         metavar="DAYS",
-        help="age of sent rows to delete (default outbox.keep_sent_days)",
+        help="age of sent rows to delete; 0 = all sent rows (default outbox.keep_sent_days)",
     )
     p.add_argument("--quarantine", action="store_true", help="also delete quarantine rows that old")
     p.add_argument("--dry-run", action="store_true", help="count, change nothing")
@@ -101,16 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--duration",
-        type=float,
+        type=_number(0, strict=True),
         default=None,
         metavar="S",
         help="stop after S seconds (default: Ctrl-C)",
     )
     p.add_argument(
-        "--vehicles", type=int, default=5, metavar="N", help="simulated fleet size (default 5)"
+        "--vehicles",
+        type=_count(1, 100_000),
+        default=5,
+        metavar="N",
+        help="simulated fleet size (default 5)",
     )
     p.add_argument(
-        "--interval", type=float, default=3.0, metavar="S", help="seconds between Frotcom batches"
+        "--interval",
+        type=_number(0, strict=True),
+        default=3.0,
+        metavar="S",
+        help="seconds between Frotcom batches",
     )
     p.add_argument(
         "--dir", default="demo", metavar="DIR", help="where the demo outbox lives (default ./demo)"
@@ -120,36 +189,60 @@ def build_parser() -> argparse.ArgumentParser:
         "fake-cartrack", parents=[common], help="a local Cartrack stand-in that validates events"
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--port", type=_count(0, 65535), default=9000)
     p.add_argument("--api-key", default=None, help="accept only this X-API-KEY (default: any)")
 
     p = sub.add_parser("simulate", parents=[common], help="post Frotcom-style batches to a relay")
     p.add_argument("--url", required=True, help="the relay's webhook URL")
     p.add_argument("--token", required=True, help="Authorization token to send")
-    p.add_argument("--vehicles", type=int, default=10, metavar="N")
+    p.add_argument("--vehicles", type=_count(1, 100_000), default=10, metavar="N")
     p.add_argument(
-        "--interval", type=float, default=60.0, metavar="S", help="seconds between batches"
+        "--interval",
+        type=_number(0, strict=True),
+        default=60.0,
+        metavar="S",
+        help="seconds between batches",
     )
-    p.add_argument("--duration", type=float, default=None, metavar="S")
+    p.add_argument("--duration", type=_number(0, strict=True), default=None, metavar="S")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors, --help, --version: argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_CONFIG
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(args.log_level, json=json_logs)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        # Flushed here, not at interpreter exit, so a closed pipe is handled below.
+        sys.stdout.flush()
+        return code
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OutboxError as exc:
         print(f"outbox error: {exc}", file=sys.stderr)
         return EXIT_OUTBOX
+    except FilterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AdminError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        # `cartrack-relay status | head`: the reader left; say nothing more.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return EXIT_PIPE
     except KeyboardInterrupt:
         return 130
 
@@ -181,9 +274,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from relay.admin import requeue
+    from relay.admin import requeue_detail
+    from relay.forwarder import RESCAN_SECONDS
 
-    count = requeue(
+    # Both are normalised by _iso_time, so text order is time order.
+    if args.since is not None and args.until is not None and args.since >= args.until:
+        raise CliError(f"--since ({args.since}) must be before --until ({args.until})", EXIT_CONFIG)
+    result = requeue_detail(
         _config(args),
         vehicles=args.vehicle,
         since=args.since,
@@ -191,8 +288,21 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         status=args.status,
         dry_run=args.dry_run,
     )
+    count = result.total
     verb = "would requeue" if args.dry_run else "requeued"
-    print(f"{verb} {count} {args.status} row{'s' if count != 1 else ''}")
+    line = f"{verb} {_rows(count, args.status)}"
+    if result.held:
+        held = ", ".join(result.held_vehicles[:10])
+        more = (
+            f" and {len(result.held_vehicles) - 10} more" if len(result.held_vehicles) > 10 else ""
+        )
+        line += (
+            f" ({result.pending} to pending, {result.held} to held: no VIN in [vehicles]"
+            f" for {held}{more})"
+        )
+    print(line)
+    if count and not args.dry_run:
+        print(f"a running daemon picks them up within {RESCAN_SECONDS:g} s")
     return 0
 
 
@@ -201,21 +311,23 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     config = _config(args)
     days = config.outbox.keep_sent_days if args.older_than_days is None else args.older_than_days
-    if days < 0:
-        raise CliError("--older-than-days must be >= 0", EXIT_CONFIG)
     result = purge(config, days, quarantine=args.quarantine, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    print(
-        f"{verb} {result['sent']} sent rows and {result['quarantine']} quarantine rows older than {days:g} days"
-    )
+    age = "of any age" if days == 0 else f"older than {days:g} days"
+    what = _rows(result["sent"], "sent")
+    if args.quarantine:
+        what += f" and {_rows(result['quarantine'], 'quarantine')}"
+    print(f"{verb} {what} {age}")
     return 0
+
+
+def _rows(count: int, kind: str) -> str:
+    return f"{count} {kind} row{'' if count == 1 else 's'}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.devtools.demo import run_demo
 
-    if args.vehicles < 1:
-        raise CliError("--vehicles must be >= 1", EXIT_CONFIG)
     return asyncio.run(
         run_demo(
             directory=Path(args.dir),
@@ -229,9 +341,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_fake_cartrack(args: argparse.Namespace) -> int:
     from relay.devtools.fake_cartrack import run_fake_cartrack
 
-    return _run_until_signal(
-        lambda stop: run_fake_cartrack(args.host, args.port, args.api_key, stop)
-    )
+    try:
+        return _run_until_signal(
+            lambda stop: run_fake_cartrack(args.host, args.port, args.api_key, stop)
+        )
+    except OSError as exc:  # port taken, address not local
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -6,19 +6,23 @@ print one line (``config error: cartrack.region: must be one of af, as, eu``) an
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 API_KEY_ENV = "CARTRACK_RELAY_API_KEY"
 REGIONS = ("af", "as", "eu")
 # ISO 3779: 17 characters, digits and capital letters except I, O and Q.
 VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
+# Same bound the webhook applies to Frotcom's VehicleID (relay.mapping).
+MAX_VEHICLE_ID_LENGTH = 128
 
 
 class ConfigError(Exception):
@@ -41,7 +45,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class FrotcomConfig:
-    tokens: tuple[str, ...] = ()
+    # Secrets: kept out of repr() like the API key, in case a Config is ever logged.
+    tokens: tuple[str, ...] = field(default=(), repr=False)
     max_future_seconds: float = 86400.0
 
 
@@ -79,8 +84,9 @@ class Config:
 
     def redacted(self) -> dict[str, Any]:
         """A printable view with every secret masked (for ``check-config``)."""
+        # Copies: the caller may change the view without touching the frozen config.
         return {
-            "server": vars(self.server),
+            "server": asdict(self.server),
             "frotcom": {
                 "tokens": [_mask(t) for t in self.frotcom.tokens],
                 "max_future_seconds": self.frotcom.max_future_seconds,
@@ -97,7 +103,7 @@ class Config:
                 "path": str(self.outbox.path),
                 "keep_sent_days": self.outbox.keep_sent_days,
             },
-            "retry": vars(self.retry),
+            "retry": asdict(self.retry),
             "vehicles": len(self.vehicles),
         }
 
@@ -127,13 +133,15 @@ def load_config(
         raise ConfigError("", f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer literal longer than Python converts
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError("", f"{path} is not valid TOML: nested too deeply") from None
     config = parse_config(data, env=os.environ if env is None else env, cwd=cwd)
     return _with_source(config, path)
 
 
 def _with_source(config: Config, path: Path) -> Config:
-    from dataclasses import replace
-
     return replace(config, source=path.resolve())
 
 
@@ -156,7 +164,7 @@ def parse_config(
     if not path.startswith("/"):
         raise ConfigError("server.path", "must start with '/'")
     server_cfg = ServerConfig(
-        host=_str(server, "server", "host", "0.0.0.0"),
+        host=_nonempty(server, "server", "host", "0.0.0.0"),
         port=_int(server, "server", "port", 8080, lo=0, hi=65535),
         path=path,
         max_body_bytes=_int(server, "server", "max_body_bytes", 16 * 1024 * 1024, lo=1024),
@@ -171,6 +179,9 @@ def parse_config(
         raise ConfigError("frotcom.tokens", "must be a list of strings")
     if not tokens or not all(t.strip() for t in tokens):
         raise ConfigError("frotcom.tokens", "must hold at least one non-empty token")
+    if any(t != t.strip() for t in tokens):
+        # HTTP strips header whitespace, so such a token could never match.
+        raise ConfigError("frotcom.tokens", "tokens must not start or end with whitespace")
     frotcom_cfg = FrotcomConfig(
         tokens=tuple(tokens),
         max_future_seconds=_num(frotcom, "frotcom", "max_future_seconds", 86400.0, lo=0),
@@ -189,7 +200,7 @@ def parse_config(
         url = cartrack_url(region)
     else:
         url = _str(cartrack, "cartrack", "url", "")
-        if not re.match(r"https?://[^/\s]+", url):
+        if not _is_http_url(url):
             raise ConfigError("cartrack.url", "must be an http:// or https:// URL")
     provider = _str(cartrack, "cartrack", "provider", "frotcom")
     if not provider.strip():
@@ -204,7 +215,7 @@ def parse_config(
     )
 
     _only(outbox, "outbox", {"path", "keep_sent_days"})
-    outbox_path = Path(_str(outbox, "outbox", "path", "outbox.sqlite3"))
+    outbox_path = Path(_nonempty(outbox, "outbox", "path", "outbox.sqlite3"))
     outbox_cfg = OutboxConfig(
         path=outbox_path if outbox_path.is_absolute() else cwd / outbox_path,
         keep_sent_days=_num(outbox, "outbox", "keep_sent_days", 7.0, lo=0),
@@ -234,6 +245,18 @@ def parse_vehicles(vehicles: Any) -> Mapping[str, str]:
     result: dict[str, str] = {}
     for vehicle_id, vin in vehicles.items():
         key = f"vehicles.{vehicle_id}"
+        if (
+            not vehicle_id
+            or vehicle_id != vehicle_id.strip()
+            or len(vehicle_id) > MAX_VEHICLE_ID_LENGTH
+            or not vehicle_id.isprintable()
+        ):
+            # Frotcom's VehicleID is stripped on arrival: such a key would never match.
+            raise ConfigError(
+                key,
+                f"{vehicle_id!r} is not a VehicleID (printable, no surrounding spaces,"
+                f" 1 to {MAX_VEHICLE_ID_LENGTH} characters)",
+            )
         if not isinstance(vin, str):
             raise ConfigError(key, "must be a string (the 17-character VIN)")
         if not VIN_RE.fullmatch(vin):
@@ -286,6 +309,24 @@ def _only(section: Mapping[str, Any], prefix: str, allowed: set[str]) -> None:
             raise ConfigError(name, "unknown key")
 
 
+def _is_http_url(url: str) -> bool:
+    if any(c.isspace() for c in url) or not url.isprintable():
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _nonempty(section: Mapping[str, Any], prefix: str, key: str, default: str) -> str:
+    value = _str(section, prefix, key, default)
+    if not value.strip():
+        raise ConfigError(f"{prefix}.{key}", "must not be empty")
+    return value
+
+
 def _str(section: Mapping[str, Any], prefix: str, key: str, default: str) -> str:
     value = section.get(key, default)
     if not isinstance(value, str):
@@ -309,6 +350,10 @@ def _num(section: Mapping[str, Any], prefix: str, key: str, default: float, lo: 
     value = section.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{prefix}.{key}", "must be a number")
-    if value != value or value in (float("inf"), float("-inf")) or value < lo:
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any double
+        number = float("inf")
+    if not math.isfinite(number) or number < lo:
         raise ConfigError(f"{prefix}.{key}", f"must be a finite number >= {lo:g}")
-    return float(value)
+    return number

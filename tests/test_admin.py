@@ -1,0 +1,476 @@
+"""Operator commands against real outboxes: what they report, what they change, how they query."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from conftest import VIN, VIN2, batch, position, post_batch, rows, wait_until
+
+from relay import admin
+from relay.config import Config
+from relay.devtools.fake_cartrack import FakeCartrack
+from relay.mapping import parse_batch
+from relay.outbox.schema import connect
+from relay.outbox.storage import Outbox
+from relay.timeutil import format_ms, parse_timestamp
+
+A, B, UNMAPPED = "9876543", "1111111", "5555555"
+MAPPED = {A: VIN, B: VIN2}
+EVERYONE = {**MAPPED, UNMAPPED: "SALLAAAF4AA123456"}
+T0 = parse_timestamp("2023-10-25T16:00:00Z")  # the first position of every vehicle
+RECEIVED = T0 + 3_600_000
+DAY_MS = 86_400_000
+
+
+def at(ms: int) -> Callable[[], float]:
+    return lambda: ms / 1000
+
+
+def fleet(vehicles: dict[str, int], start_ms: int = T0) -> dict[str, Any]:
+    """A Frotcom body: per vehicle, n positions one minute apart."""
+    return batch(
+        *[
+            (vid, [position(ts=format_ms(start_ms + i * 60_000)) for i in range(n)])
+            for vid, n in vehicles.items()
+        ]
+    )
+
+
+async def store(
+    outbox: Outbox, body: dict[str, Any], received_ms: int, vehicles: dict[str, str] = EVERYONE
+) -> None:
+    parsed = parse_batch(body, received_ms, DAY_MS)
+    await outbox.store_batch(parsed, vehicles, "frotcom", received_ms)
+
+
+def ids(db: Path, where: str = "1", params: tuple[Any, ...] = ()) -> list[int]:
+    return [r["id"] for r in rows(db, where, params)]
+
+
+def snapshot(db: Path) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        return [
+            *conn.execute("SELECT * FROM positions ORDER BY id"),
+            *conn.execute("SELECT * FROM quarantine ORDER BY id"),
+        ]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config(vehicles=MAPPED)
+
+
+@pytest.fixture
+async def outbox(config: Config) -> Any:
+    box = await Outbox.open(config.outbox.path, clock=at(RECEIVED))
+    try:
+        yield box
+    finally:
+        await box.close()
+
+
+# -- the operator's story, with the real daemon running ---------------------------------
+
+
+async def test_requeue_while_the_daemon_runs_delivers_dead_letters(
+    relay: TestClient, cartrack: FakeCartrack, make_config: Callable[..., Config]
+) -> None:
+    config = make_config(url=cartrack.url)
+    db = config.outbox.path
+    cartrack.set_default(lambda event: 422)
+    status, _ = await post_batch(relay, fleet({A: 3}))
+    assert status == 200
+    await wait_until(lambda: len(rows(db, "status = 'failed'")) == 3)
+
+    # In a thread, as the CLI is another process: blocking the daemon's event loop
+    # could stall it inside a write transaction and make us wait for our own lock.
+    report = await asyncio.to_thread(admin.status, config)
+    assert report["counts"] == {"pending": 0, "held": 0, "sent": 0, "failed": 3}
+    assert report["failed_by_status"] == [{"last_status": 422, "count": 3}]
+    assert report["last_error"]["message"].startswith("HTTP 422")
+
+    cartrack.set_default(None)
+    assert await asyncio.to_thread(admin.requeue, config) == 3
+    await cartrack.wait_for(lambda fake: len(fake.accepted) == 3)
+    await wait_until(lambda: len(rows(db, "status = 'sent'")) == 3)
+    assert [e["event_ts"] for e in cartrack.accepted] == [
+        format_ms(T0 + i * 60_000) for i in range(3)
+    ]
+    report = await asyncio.to_thread(admin.status, config)
+    assert report["counts"] == {"pending": 0, "held": 0, "sent": 3, "failed": 0}
+
+
+async def test_purge_while_the_daemon_runs(
+    relay: TestClient, cartrack: FakeCartrack, make_config: Callable[..., Config]
+) -> None:
+    config = make_config(url=cartrack.url)
+    await post_batch(relay, fleet({A: 4}))
+    await wait_until(lambda: len(rows(config.outbox.path, "status = 'sent'")) == 4)
+    assert await asyncio.to_thread(admin.purge, config, 0) == {"sent": 4, "quarantine": 0}
+    # The daemon keeps storing and sending after the CLI deleted under it.
+    status, _ = await post_batch(relay, fleet({B: 2}, start_ms=T0 + DAY_MS))
+    assert status == 200
+    await wait_until(lambda: len(rows(config.outbox.path, "status = 'sent'")) == 2)
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+def test_status_of_an_empty_outbox(config: Config) -> None:
+    connect(config.outbox.path, create=True).close()
+    report = admin.status(config, clock=at(RECEIVED))
+    assert report["counts"] == {"pending": 0, "held": 0, "sent": 0, "failed": 0}
+    assert report["quarantine"] == 0
+    assert report["oldest_pending"] is None
+    assert report["held_vehicles"] == report["backlog_vehicles"] == []
+    assert report["failed_by_status"] == []
+    assert report["last_error"] is None
+    assert report["schema_version"] == 1
+    assert report["path"] == str(config.outbox.path)
+    assert report["size_bytes"] == config.outbox.path.stat().st_size > 0
+    assert "oldest pending         none" in admin.render_status(report)
+
+
+async def test_status_reports_backlog_held_failed_and_oldest(
+    config: Config, outbox: Outbox
+) -> None:
+    db = config.outbox.path
+    # 12 mapped vehicles with a backlog (vehicle i has i+1 rows), one unmapped vehicle.
+    backlog = {f"70000{i:02d}": i + 1 for i in range(12)}
+    await store(
+        outbox, fleet(backlog), RECEIVED, vehicles={**EVERYONE, **dict.fromkeys(backlog, VIN)}
+    )
+    await store(outbox, fleet({A: 3, UNMAPPED: 2}, start_ms=T0 - 60_000), RECEIVED)
+    await store(outbox, batch((B, [position(Latitude=91.0), position(ts="nonsense")])), RECEIVED)
+    failed = ids(db, "vehicle_id = ?", (A,))
+    await outbox.mark_failed(failed[0], 422, "bad event")
+    await outbox.mark_failed(failed[1], None, "connection reset")
+    await outbox.mark_failed(failed[2], 422, "bad event")
+    await outbox.hold_vehicle(UNMAPPED)
+    outbox.clock = at(RECEIVED + 5_000)
+    await outbox.set_state("last_error", "HTTP 503: down\nfor maintenance")
+
+    now = RECEIVED + 90_000
+    report = admin.status(config, clock=at(now))
+    assert report["generated_at"] == format_ms(now)
+    assert report["counts"] == {"pending": 78, "held": 2, "sent": 0, "failed": 3}
+    assert report["quarantine"] == 2
+    assert report["held_vehicles"] == [{"vehicle_id": UNMAPPED, "count": 2}]
+    assert report["held_vehicle_count"] == 1
+    assert report["pending_vehicle_count"] == 12
+    assert report["backlog_vehicles"] == [
+        {"vehicle_id": f"70000{i:02d}", "count": i + 1} for i in range(11, 1, -1)
+    ]
+    assert report["failed_by_status"] == [
+        {"last_status": 422, "count": 2},
+        {"last_status": None, "count": 1},
+    ]
+    assert report["last_error"] == {
+        "message": "HTTP 503: down\nfor maintenance",
+        "updated_at": format_ms(RECEIVED + 5_000),
+    }
+    # The failed and held rows of T0 - 1 min do not count: only pending ones do.
+    assert report["oldest_pending"] == {
+        "vehicle_id": "7000000",
+        "event_ts": format_ms(T0),
+        "received_at": format_ms(RECEIVED),
+        "age_seconds": (now - T0) / 1000,
+        "waiting_seconds": 90.0,
+        "attempts": 0,
+        "next_attempt_at": format_ms(RECEIVED),
+        "last_status": None,
+        "last_error": None,
+    }
+
+    text = admin.render_status(report)
+    assert "backlog (pending): 12 vehicles, top 10" in text
+    assert "held (no VIN): 1 vehicle\n" in text
+    assert f"  {UNMAPPED:<20} 2" in text
+    assert "add their VINs to [vehicles]" in text
+    assert "HTTP 422" in text
+    assert "no answer" in text
+    # Multi-line errors stay on one line of the report.
+    assert "HTTP 503: down for maintenance" in text
+    assert "1h 1m ago" in text  # the oldest position's age
+    counts = [
+        line
+        for line in text.splitlines()
+        if line.startswith("  ") and line.split()[0] in admin.STATUSES
+    ]
+    assert [line.split() for line in counts] == [
+        ["pending", "78"],
+        ["held", "2"],
+        ["sent", "0"],
+        ["failed", "3"],
+    ]
+    assert len({len(line) for line in counts}) == 1  # right-aligned
+
+
+def test_render_status_of_a_future_oldest_position() -> None:
+    report = {
+        "path": "/x",
+        "size_bytes": 2_500_000,
+        "wal_bytes": 0,
+        "schema_version": 1,
+        "generated_at": "2024-01-01T00:00:00.000Z",
+        "counts": dict.fromkeys(admin.STATUSES, 0) | {"pending": 1},
+        "quarantine": 0,
+        "oldest_pending": {
+            "vehicle_id": "1",
+            "event_ts": "2024-01-01T00:10:00.000Z",
+            "received_at": "2024-01-01T00:00:00.000Z",
+            "age_seconds": -600.0,
+            "waiting_seconds": 0.5,
+            "attempts": 0,
+            "next_attempt_at": "2024-01-01T00:10:00.000Z",
+            "last_status": None,
+            "last_error": None,
+        },
+        "held_vehicles": [],
+        "held_vehicle_count": 0,
+        "backlog_vehicles": [{"vehicle_id": "1", "count": 1}],
+        "pending_vehicle_count": 1,
+        "failed_by_status": [],
+        "last_error": None,
+    }
+    text = admin.render_status(report)
+    assert "10m 0s in the future" in text
+    assert "2.4 MiB" in text
+
+
+# -- requeue ---------------------------------------------------------------------------
+
+
+async def test_requeue_resets_rows_and_keeps_their_history(config: Config, outbox: Outbox) -> None:
+    db = config.outbox.path
+    await store(outbox, fleet({A: 2}), RECEIVED)
+    first, second = ids(db)
+    await outbox.mark_failed(first, 422, "chassis_number: unknown")
+    await outbox.mark_retry(second, format_ms(RECEIVED + 1000), 503, "busy")
+    await outbox.mark_failed(second, 404, "not found")
+
+    now = RECEIVED + DAY_MS
+    result = admin.requeue_detail(config, clock=at(now), pause=0)
+    assert result == admin.RequeueResult(pending=2, held=0, held_vehicles=())
+    requeued = rows(db)
+    assert [r["status"] for r in requeued] == ["pending", "pending"]
+    assert [r["attempts"] for r in requeued] == [0, 0]
+    assert {r["next_attempt_at"] for r in requeued} == {format_ms(now)}
+    assert {r["updated_at"] for r in requeued} == {format_ms(now)}
+    assert [(r["last_status"], r["last_error"]) for r in requeued] == [
+        (422, "chassis_number: unknown"),
+        (404, "not found"),
+    ]
+    # The daemon's view: both rows are due now, in time order.
+    assert [r.id for r in await outbox.next_rows(A, 10)] == [first, second]
+
+
+async def test_requeue_never_schedules_before_the_position(config: Config, outbox: Outbox) -> None:
+    # A position a little ahead of the clock (allowed up to max_future_seconds) that
+    # failed must not be sent before its time when requeued: Cartrack refuses future events.
+    future = RECEIVED + 600_000
+    await store(outbox, batch((A, [position(ts=format_ms(future))])), RECEIVED)
+    (row_id,) = ids(config.outbox.path)
+    await outbox.mark_failed(row_id, 422, "event_ts in the future")
+    admin.requeue(config, clock=at(RECEIVED + 1000))
+    assert rows(config.outbox.path)[0]["next_attempt_at"] == format_ms(future)
+
+
+async def test_requeue_walks_in_chunks_and_passes_filtered_rows(
+    config: Config, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = config.outbox.path
+    await store(outbox, fleet({A: 7, B: 7, UNMAPPED: 4}), RECEIVED)
+    for row_id in ids(db):
+        await outbox.mark_failed(row_id, 422, "no")
+    monkeypatch.setattr(admin, "CHUNK", 3)
+    statements: list[str] = []
+    real_connect = admin.connect
+
+    def traced(path: Path) -> sqlite3.Connection:
+        conn = real_connect(path)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(admin, "connect", traced)
+    result = admin.requeue_detail(config, vehicles=[A, UNMAPPED], pause=0)
+    assert result == admin.RequeueResult(pending=7, held=4, held_vehicles=(UNMAPPED,))
+    assert ids(db, "status = 'failed'") == ids(db, "vehicle_id = ?", (B,))
+    assert len(ids(db, "status = 'pending'")) == 7
+    assert ids(db, "status = 'held'") == ids(db, "vehicle_id = ?", (UNMAPPED,))
+    # 11 rows, 3 per transaction: 4 transactions, each short.
+    assert statements.count("BEGIN IMMEDIATE") == statements.count("COMMIT") == 4
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "message"),
+    [
+        ("yesterday", None, "since: 'yesterday' is not an ISO-8601 time"),
+        (None, "2024-13-01T00:00:00Z", "until: '2024-13-01T00:00:00Z' is not an ISO-8601 time"),
+        ("2024-01-02T00:00:00Z", "2024-01-01T00:00:00Z", "since: must be before until"),
+        ("2024-01-01T00:00:00Z", "2024-01-01T00:00:00+00:00", "since: must be before until"),
+    ],
+)
+def test_requeue_rejects_unusable_times(
+    config: Config, since: str | None, until: str | None, message: str
+) -> None:
+    with pytest.raises(admin.FilterError) as info:
+        admin.requeue(config, since=since, until=until)
+    assert str(info.value).startswith(message)
+
+
+def test_requeue_rejects_other_statuses(config: Config) -> None:
+    with pytest.raises(admin.FilterError, match="status: must be one of failed, sent"):
+        admin.requeue(config, status="pending")
+
+
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        ("2023-10-25T16:01:00Z", "2023-10-25T16:01:00.000Z"),
+        ("2023-10-25T18:01:00+02:00", "2023-10-25T16:01:00.000Z"),
+        ("2023-10-25 16:01", "2023-10-25T16:01:00.000Z"),
+        ("2023-10-25T16:01:00.1234Z", "2023-10-25T16:01:00.123Z"),
+    ],
+)
+def test_parse_time(text: str, normalised: str) -> None:
+    assert admin.parse_time(text) == normalised
+
+
+# -- purge -----------------------------------------------------------------------------
+
+
+async def test_purge_deletes_only_old_sent_rows_and_old_quarantine(
+    config: Config, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = config.outbox.path
+    now = RECEIVED + 30 * DAY_MS
+    await store(outbox, fleet({A: 8}), RECEIVED)
+    await store(outbox, batch((A, [position(Speed=-1)])), RECEIVED)
+    await store(outbox, batch((A, [position(Speed=-2)])), now - DAY_MS)
+    every = ids(db)
+    outbox.clock = at(now - 10 * DAY_MS)
+    await outbox.mark_sent([(every[0], 202), (every[1], 202), (every[2], 409)])
+    outbox.clock = at(now - 1 * DAY_MS)
+    await outbox.mark_sent([(every[3], 202)])
+    await outbox.mark_failed(every[4], 422, "no")
+    await outbox.hold_vehicle(A)  # every[5:] held
+    await store(outbox, fleet({B: 1}), now - 20 * DAY_MS)  # pending, very old
+    monkeypatch.setattr(admin, "CHUNK", 2)
+
+    before = snapshot(db)
+    assert admin.purge(config, 7, quarantine=True, dry_run=True, clock=at(now)) == {
+        "sent": 3,
+        "quarantine": 1,
+    }
+    assert snapshot(db) == before
+
+    assert admin.purge(config, 7, clock=at(now), pause=0) == {"sent": 3, "quarantine": 0}
+    assert ids(db, "status = 'sent'") == [every[3]]
+    assert admin.purge(config, 7, quarantine=True, clock=at(now), pause=0) == {
+        "sent": 0,
+        "quarantine": 1,
+    }
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT received_at FROM quarantine").fetchall() == [
+        (format_ms(now - DAY_MS),)
+    ]
+    conn.close()
+    assert admin.purge(config, 0, clock=at(now), pause=0) == {"sent": 1, "quarantine": 0}
+    counts = admin.status(config)["counts"]
+    assert counts == {"pending": 1, "held": 3, "sent": 0, "failed": 1}
+
+
+@pytest.mark.parametrize("days", [1e12, 36_500])
+async def test_purge_with_an_absurd_age_deletes_nothing(
+    config: Config, outbox: Outbox, days: float
+) -> None:
+    await store(outbox, fleet({A: 1}), RECEIVED)
+    await outbox.mark_sent([(ids(config.outbox.path)[0], 202)])
+    assert admin.purge(config, days, quarantine=True, clock=at(RECEIVED)) == {
+        "sent": 0,
+        "quarantine": 0,
+    }
+
+
+@pytest.mark.parametrize("days", [-1, math.nan, math.inf])
+def test_purge_rejects_unusable_ages(config: Config, days: float) -> None:
+    with pytest.raises(admin.FilterError, match="days: must be a finite number >= 0"):
+        admin.purge(config, days)
+
+
+# -- query plans: fast with millions of sent rows ----------------------------------------
+
+ALLOWED_SCANS = ("positions_pending", "positions_held", "positions_failed")
+
+
+@pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "after-ANALYZE"])
+async def test_no_query_scans_the_positions_table(
+    config: Config, outbox: Outbox, monkeypatch: pytest.MonkeyPatch, analyzed: bool
+) -> None:
+    db = config.outbox.path
+    # Mostly sent rows, like a relay that has run for a while.
+    await store(outbox, fleet({f"8{i:06d}": 60 for i in range(40)}), RECEIVED)
+    every = ids(db)
+    await outbox.mark_sent([(row_id, 202) for row_id in every[:2200]])
+    for row_id in every[2200:2230]:
+        await outbox.mark_failed(row_id, 422, "no")
+    await outbox.hold_vehicle("8000039")
+    await outbox.set_state("last_error", "HTTP 422: no")
+    if analyzed:
+        conn = sqlite3.connect(db)
+        conn.execute("ANALYZE")
+        conn.close()
+
+    statements: list[str] = []
+    real_connect = admin.connect
+
+    def traced(path: Path) -> sqlite3.Connection:
+        conn = real_connect(path)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(admin, "connect", traced)
+    admin.status(config)
+    for status in ("failed", "sent"):
+        for vehicles in ([], ["8000001", "8000002"]):
+            for dry_run in (True, False):
+                admin.requeue(
+                    config,
+                    vehicles=vehicles,
+                    since="2023-10-25T16:10:00Z",
+                    until="2023-10-25T17:00:00Z",
+                    status=status,
+                    dry_run=dry_run,
+                )
+    admin.purge(config, 1, quarantine=True, dry_run=True)
+    admin.purge(config, 1, quarantine=True, pause=0)
+    admin.purge(config, 0, pause=0)
+
+    conn = sqlite3.connect(db)
+    checked = 0
+    for sql in dict.fromkeys(statements):
+        if "positions" not in sql or not sql.startswith(("SELECT", "UPDATE", "DELETE")):
+            continue
+        checked += 1
+        plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        if sql == "SELECT status, count(*) FROM positions GROUP BY status":
+            assert plan == ["SCAN positions USING COVERING INDEX positions_status_updated"]
+            continue
+        for step in plan:
+            if step.startswith("SCAN positions"):
+                assert step.endswith(ALLOWED_SCANS), (sql, plan)
+            else:
+                assert not step.startswith("SCAN"), (sql, plan)
+    conn.close()
+    assert checked >= 12
