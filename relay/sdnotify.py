@@ -1,22 +1,38 @@
-"""The systemd notify protocol (``Type=notify``): one datagram per state change."""
+"""The systemd notify protocol (``Type=notify``): one datagram per state change.
+
+``serve`` sends ``READY=1`` once the port accepts connections, ``RELOADING=1`` ...
+``READY=1`` around a SIGHUP reload and ``STOPPING=1`` when shutdown begins. Outside
+systemd ($NOTIFY_SOCKET unset) every call is a cheap no-op.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Mapping
 
 
-def notify(message: str, env: dict[str, str] | None = None) -> bool:
+def notify(message: str, env: Mapping[str, str] | None = None) -> bool:
     """Send ``message`` (e.g. ``READY=1``) to $NOTIFY_SOCKET; False when not under systemd."""
     address = (os.environ if env is None else env).get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace socket
+    elif not address.startswith("/"):
+        return False  # vsock: and other transports systemd may offer are not supported
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
             sock.sendall(message.encode())
     except OSError:
+        # Readiness is a courtesy to the service manager; failing to announce it must
+        # not stop the relay from serving.
         return False
     return True
+
+
+def reloading_message() -> str:
+    """``RELOADING=1`` with the timestamp systemd >= 253 requires alongside it."""
+    return f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}"

@@ -3,94 +3,208 @@
 SIGTERM/SIGINT stop accepting, let in-flight webhook requests and deliveries finish
 within ``server.shutdown_timeout_seconds`` and exit 0. SIGHUP re-reads the vehicle
 map. A background task that dies ends the process with status 1, so systemd restarts it.
+
+Shutdown order (aiohttp's ``runner.cleanup`` plus the hooks below):
+
+1. the listening socket closes: nothing new is accepted;
+2. ``on_shutdown``: the forwarder is told to stop, and one deadline starts for it;
+3. in-flight webhook requests finish (or are cancelled at the deadline, unanswered);
+4. ``cleanup_ctx`` unwinds: the forwarder task ends (its last acks are flushed), then
+   the outbox closes.
+
+Steps 2 and 3 overlap, so the whole stop takes about one timeout, not two.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web
+from yarl import URL
 
 from relay.app import create_app, reload_vehicles
+from relay.cli import EXIT_RUNTIME, CliError
 from relay.config import Config, ConfigError, load_config
-from relay.sdnotify import notify
+from relay.logging import register_secrets
+from relay.sdnotify import notify, reloading_message
 from relay.state import STATE
 
 log = structlog.get_logger("relay.serve")
 
 EXIT_OK = 0
 EXIT_CRASH = 1
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class ListenError(CliError):
+    """The configured address cannot be listened on (in use, not ours, not allowed).
+
+    Exit status 1, not 2: a port still held by a process on its way out is gone a few
+    seconds later, and systemd's restart should get that chance.
+    """
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        # asyncio's strerror repeats the address at length; the errno's text is enough.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        super().__init__(f"cannot listen on {host}:{port}: {reason}", EXIT_RUNTIME)
 
 
 async def serve(config: Config) -> int:
+    register_secrets([config.cartrack.api_key, *config.frotcom.tokens])
+    timeout = config.server.shutdown_timeout_seconds
     app = create_app(config)
-    app.on_shutdown.append(_stop_forwarder)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=config.server.shutdown_timeout_seconds,
-    )
-    await runner.setup()  # opens and migrates the outbox, starts the forwarder
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[None]] = set()
+    watchdogs: list[asyncio.Task[None]] = []
 
-    def request_stop(signame: str) -> None:
-        log.info("signal_received", signal=signame)
-        stop.set()
+    async def stop_forwarder(app: web.Application) -> None:
+        # Runs once the listener is closed, while in-flight requests are still finishing:
+        # lanes stop at their next wait instead of after the HTTP drain, and the deadline
+        # for the forwarder runs alongside the drain's own.
+        state = app[STATE]
+        if state.forwarder is not None:
+            await state.forwarder.stop()
+        if state.forwarder_task is not None and not state.forwarder_task.done():
+            watchdogs.append(
+                asyncio.create_task(_cancel_after(state.forwarder_task, timeout), name="deadline")
+            )
 
-    def request_reload() -> None:
-        task = asyncio.create_task(_reload(app), name="reload")
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGTERM, request_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, request_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, request_reload)
-    exit_code = EXIT_OK
+    app.on_shutdown.append(stop_forwarder)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=timeout)
+    signals = _Signals(app)
+    # Installed before the outbox opens and kept until it is closed: a signal in between
+    # would otherwise take its default action (SIGHUP, a second SIGTERM: instant death).
+    signals.install()
     try:
+        try:
+            await runner.setup()  # opens and migrates the outbox, starts the forwarder
+        except BaseException:
+            await runner.cleanup()  # unwinds whatever did start (the outbox, if open)
+            raise
+        exit_code = EXIT_CRASH
+        try:
+            exit_code = await _run(config, app, runner, signals)
+        finally:
+            notify("STOPPING=1")
+            log.info("relay_stopping", timeout=timeout)
+            await signals.finish_reloads(timeout)
+            await runner.cleanup()
+            for task in watchdogs:
+                task.cancel()
+            await asyncio.gather(*watchdogs, return_exceptions=True)
+            log.info("relay_stopped", exit_code=exit_code)
+        return exit_code
+    finally:
+        signals.remove()
+
+
+async def _run(
+    config: Config, app: web.Application, runner: web.AppRunner, signals: _Signals
+) -> int:
+    """Listen, announce readiness, and wait for a stop signal or a dead background task."""
+    fatal = app[STATE].fatal
+    assert fatal is not None  # set by create_app's forwarder context during setup
+    if not signals.stop.is_set() and not fatal.done():
         site = web.TCPSite(runner, config.server.host, config.server.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error(
+                "listen_failed", host=config.server.host, port=config.server.port, error=str(exc)
+            )
+            raise ListenError(config.server.host, config.server.port, exc) from None
         log.info(
             "relay_started",
             listen=[f"{h}:{p}" for h, p, *_ in runner.addresses],
             path=config.server.path,
             outbox=str(config.outbox.path),
-            cartrack=config.cartrack.url,
+            cartrack=_safe_url(config.cartrack.url),
             vehicles=len(config.vehicles),
         )
         notify("READY=1\nSTATUS=accepting webhooks")
-        fatal = app[STATE].fatal
-        assert fatal is not None
-        waiter = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({waiter, fatal}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if fatal.done():
-            log.critical("relay_failed", error=repr(fatal.result()))
-            exit_code = EXIT_CRASH
-    finally:
-        notify("STOPPING=1")
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        log.info("relay_stopping", timeout=config.server.shutdown_timeout_seconds)
-        await runner.cleanup()
-        log.info("relay_stopped", exit_code=exit_code)
-    return exit_code
+        signals.started.set()
+        waiter = asyncio.ensure_future(signals.stop.wait())
+        try:
+            await asyncio.wait({waiter, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+    if fatal.done():
+        log.critical("relay_failed", error=repr(fatal.result()))
+        return EXIT_CRASH
+    return EXIT_OK
 
 
-async def _stop_forwarder(app: web.Application) -> None:
-    # Runs once the listener is closed, while in-flight requests are still finishing:
-    # lanes stop at their next wait instead of after the HTTP drain.
-    forwarder = app[STATE].forwarder
-    if forwarder is not None:
-        await forwarder.stop()
+class _Signals:
+    """SIGTERM/SIGINT request a stop; SIGHUP reloads the vehicle map, one reload at a time."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.stop = asyncio.Event()
+        self.started = asyncio.Event()
+        self._reloads: set[asyncio.Task[None]] = set()
+        # FIFO: two quick SIGHUPs apply the file in the order the signals came.
+        self._reload_lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+
+    def install(self) -> None:
+        self._loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
+        self._loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
+        self._loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+
+    def remove(self) -> None:
+        for signum in SIGNALS:
+            self._loop.remove_signal_handler(signum)
+
+    def _request_stop(self, signame: str) -> None:
+        if self.stop.is_set():
+            # The stop is already bounded by shutdown_timeout_seconds; a second signal
+            # must not cut the final acknowledgements and the outbox close short.
+            log.info("signal_ignored", signal=signame, reason="already stopping")
+            return
+        log.info("signal_received", signal=signame)
+        self.stop.set()
+
+    def _request_reload(self) -> None:
+        if self.stop.is_set():
+            log.info("signal_ignored", signal="SIGHUP", reason="stopping")
+            return
+        log.info("signal_received", signal="SIGHUP")
+        self._spawn(self._reload())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def finish_reloads(self, timeout: float) -> None:
+        # A reload still releasing held rows must not find the outbox closed under it.
+        if not self._reloads:
+            return
+        pending = set(self._reloads)
+        if self.started.is_set():
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _reload(self) -> None:
+        async with self._reload_lock:
+            # A SIGHUP while the outbox is still opening applies once the relay serves.
+            await self.started.wait()
+            notify(reloading_message())
+            try:
+                await _reload(self.app)
+            finally:
+                notify("READY=1\nSTATUS=accepting webhooks")
 
 
 async def _reload(app: web.Application) -> None:
-    source = app[STATE].config.source
+    state = app[STATE]
+    source = state.config.source
     if source is None:
         log.warning("reload_skipped", reason="configuration has no file")
         return
@@ -100,4 +214,34 @@ async def _reload(app: web.Application) -> None:
         # A typo in the new file must not take the running relay down.
         log.error("reload_failed", key=exc.key, error=exc.message)
         return
-    await reload_vehicles(app, config.vehicles)
+    restart_needed = [
+        name
+        for name in ("server", "frotcom", "cartrack", "outbox", "retry")
+        if getattr(config, name) != getattr(state.config, name)
+    ]
+    if restart_needed:
+        log.warning(
+            "reload_partial",
+            reason="SIGHUP reloads [vehicles] only; restart to apply the rest",
+            changed=restart_needed,
+        )
+    try:
+        await reload_vehicles(app, config.vehicles)
+    except Exception as exc:
+        # The new map may be half applied (in memory, not yet in the outbox): held rows
+        # stay held until the next SIGHUP or restart releases them. Not worth dying for.
+        log.error("reload_failed", key="vehicles", error=f"{type(exc).__name__}: {exc}")
+
+
+async def _cancel_after(task: asyncio.Task[None], timeout: float) -> None:
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        # Cancelled requests leave their rows pending: they go out after the restart.
+        log.warning("shutdown_timeout", task=task.get_name(), timeout=timeout)
+        task.cancel()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without credentials or query, which may carry a key."""
+    parsed = URL(url)
+    return str(parsed.with_user(None).with_query(None).with_fragment(None))

@@ -1,0 +1,225 @@
+"""Log output: JSON lines off a terminal, console on one, and never a secret (SPEC §4)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from conftest import API_KEY, TOKEN, batch, position, rows, wait_until
+from proc import RelayProcess
+
+from relay import logging as relay_logging
+from relay.devtools.fake_cartrack import FakeCartrack, Response
+from relay.logging import MASK, configure_logging, register_secrets, scrub_secrets
+
+
+class TtyStream(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """configure_logging changes process-wide state; give the next test what it had."""
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    secrets = set(relay_logging._secrets)
+    try:
+        yield
+    finally:
+        structlog.configure(**config)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        relay_logging._secrets.clear()
+        relay_logging._secrets.update(secrets)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_json_mode_writes_one_object_per_line() -> None:
+    stream = io.StringIO()
+    configure_logging("info", json=True, stream=stream)
+    log = structlog.get_logger("relay.test")
+    log.info("batch_stored", accepted=3, vehicles=["a", "b"])
+    log.debug("not_shown")
+    log.warning("delivery_failed", detail="multi\nline")
+
+    events = json_lines(stream.getvalue())
+    assert [(e["event"], e["level"]) for e in events] == [
+        ("batch_stored", "info"),
+        ("delivery_failed", "warning"),
+    ]
+    assert events[0]["accepted"] == 3
+    assert events[1]["detail"] == "multi\nline"  # escaped: still one line
+    for event in events:
+        stamp = event["timestamp"]
+        assert stamp.endswith("Z")
+        assert datetime.fromisoformat(stamp).utcoffset() is not None
+
+
+def test_json_mode_renders_exceptions_as_text() -> None:
+    stream = io.StringIO()
+    configure_logging("info", json=True, stream=stream)
+    try:
+        raise RuntimeError("lane fell over")
+    except RuntimeError:
+        structlog.get_logger().exception("lane_crashed", vehicle_id="1")
+    (event,) = json_lines(stream.getvalue())
+    assert event["level"] == "error"
+    assert "Traceback" in event["exception"]
+    assert "RuntimeError: lane fell over" in event["exception"]
+
+
+@pytest.mark.parametrize(
+    ("stream_type", "json_flag", "expect_json", "expect_colour"),
+    [
+        (io.StringIO, None, True, False),  # auto, not a terminal: journald wants JSON
+        (TtyStream, None, False, True),  # auto, a terminal: readable, coloured
+        (io.StringIO, False, False, False),  # --log-format console into a pipe: no escapes
+        (TtyStream, True, True, False),  # --log-format json on a terminal
+    ],
+    ids=["auto-pipe", "auto-tty", "console-pipe", "json-tty"],
+)
+def test_format_follows_the_stream(
+    stream_type: type[io.StringIO], json_flag: bool | None, expect_json: bool, expect_colour: bool
+) -> None:
+    stream = stream_type()
+    configure_logging("info", json=json_flag, stream=stream)
+    structlog.get_logger().info("relay_started", vehicles=2)
+    text = stream.getvalue()
+    assert text.count("\n") == 1
+    try:
+        json.loads(text)
+        is_json = True
+    except ValueError:
+        is_json = False
+    assert is_json is expect_json
+    assert ("\x1b[" in text) is expect_colour
+    assert "relay_started" in text
+    assert "vehicles" in text
+
+
+def test_stdlib_records_come_out_as_json() -> None:
+    """aiohttp and asyncio log through the stdlib; their lines must be JSON too."""
+    stream = io.StringIO()
+    configure_logging("info", json=True, stream=stream)
+    server_log = logging.getLogger("aiohttp.server")
+    try:
+        raise ValueError("handler bug")
+    except ValueError:
+        server_log.exception("Error handling request from %s", "127.0.0.1")
+    logging.getLogger("aiohttp.access").info("GET /healthz 200")  # below WARNING: dropped
+
+    (event,) = json_lines(stream.getvalue())
+    assert event["event"] == "Error handling request from 127.0.0.1"
+    assert event["level"] == "error"
+    assert event["logger"] == "aiohttp.server"
+    assert event["timestamp"].endswith("Z")
+    assert "ValueError: handler bug" in event["exception"]
+
+
+def test_configuring_twice_replaces_the_stdlib_handler() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("info", json=True, stream=first)
+    configure_logging("info", json=True, stream=second)
+    logging.getLogger("asyncio").error("Task exception was never retrieved")
+    assert first.getvalue() == ""
+    assert len(json_lines(second.getvalue())) == 1
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ({"event": "x", "detail": f"echo: {API_KEY}"}, {"event": "x", "detail": f"echo: {MASK}"}),
+        (
+            {"event": "x", "headers": {"X-API-KEY": API_KEY, "Accept": "*/*"}},
+            {"event": "x", "headers": {"X-API-KEY": MASK, "Accept": "*/*"}},
+        ),
+        ({"event": "x", "tokens": [TOKEN, "other"]}, {"event": "x", "tokens": [MASK, "other"]}),
+        ({"event": "x", "api_key": "unregistered"}, {"event": "x", "api_key": MASK}),
+        ({"event": "x", "Authorization": "Bearer zzz"}, {"event": "x", "Authorization": MASK}),
+        ({"event": "x", "token_count": 2}, {"event": "x", "token_count": 2}),
+        ({"event": "x", "api_key_required": True}, {"event": "x", "api_key_required": True}),
+        ({"event": "x", "detail": "short abc"}, {"event": "x", "detail": "short abc"}),
+        ({"event": f"leaked {TOKEN}"}, {"event": f"leaked {MASK}"}),
+    ],
+    ids=[
+        "value-in-text",
+        "nested-dict",
+        "in-list",
+        "secret-named-key",
+        "authorization-key",
+        "count-is-not-secret",
+        "flag-is-not-secret",
+        "short-secret-ignored",
+        "in-event-name",
+    ],
+)
+def test_scrub_secrets(event: dict[str, Any], expected: dict[str, Any]) -> None:
+    register_secrets([API_KEY, TOKEN, "abc"])
+    assert scrub_secrets(None, "info", event) == expected
+
+
+@pytest.mark.parametrize("json_flag", [True, False], ids=["json", "console"])
+def test_registered_secrets_never_reach_the_stream(json_flag: bool) -> None:
+    stream = io.StringIO()
+    configure_logging("info", json=json_flag, stream=stream)
+    register_secrets([API_KEY, TOKEN])
+    structlog.get_logger().error("cartrack_redirect", location=f"https://x/?key={API_KEY}")
+    logging.getLogger("aiohttp.client").warning("header Authorization: %s", TOKEN)
+    text = stream.getvalue()
+    assert API_KEY not in text
+    assert TOKEN not in text
+    assert text.count(MASK) == 2
+
+
+# -- a whole run of the real daemon ------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_whole_daemon_run_logs_json_and_no_secret(
+    tmp_path: Path, cartrack: FakeCartrack
+) -> None:
+    """Every path that handles a secret runs once; the log is JSON and mentions none."""
+    assert cartrack.url is not None
+    # Cartrack refuses the key (pause, then a probe), then rejects an event with a body
+    # that echoes the key back, then accepts the rest.
+    cartrack.script(401, Response(400, {"error": "bad event", "echo": {"X-API-KEY": API_KEY}}))
+    async with RelayProcess(tmp_path, cartrack.url) as relay:
+        await relay.start()
+        status, _ = await relay.post(
+            batch(("9876543", [position(ts=f"2023-10-25T16:29:3{i}.000Z") for i in range(3)]))
+        )
+        assert status == 200
+        assert (await relay.post(batch(), token="wrong-" + TOKEN))[0] == 401
+        assert (await relay.post({"PvtMessages": "nope"}))[0] == 400
+        await wait_until(
+            lambda: sorted(r["status"] for r in rows(relay.db_path)) == ["failed", "sent", "sent"]
+        )
+        relay.send_signal(signal.SIGHUP)
+        await relay.wait_event("vehicles_reloaded")
+        assert await relay.stop() == 0
+
+        events = relay.events()  # parses every line: a non-JSON line fails here
+        assert all({"event", "level", "timestamp"} <= e.keys() for e in events)
+        names = {e["event"] for e in events}
+        assert {"forwarder_paused", "event_rejected", "webhook_unauthorized"} <= names
+        output = relay.all_output()
+        assert API_KEY not in output
+        assert TOKEN not in output
+        stored = " ".join(str(r["last_error"]) for r in rows(relay.db_path))
+        assert API_KEY not in stored
