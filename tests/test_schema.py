@@ -108,11 +108,14 @@ def test_directory_is_refused(tmp_path: Path) -> None:
         connect(tmp_path, create=True)
 
 
-def test_empty_file_becomes_an_outbox(tmp_path: Path) -> None:
+def test_empty_file_becomes_an_outbox_only_for_the_daemon(tmp_path: Path) -> None:
     # e.g. created with `touch` by a provisioning script
     path = tmp_path / "outbox.sqlite3"
     path.touch()
-    with closing(connect(path)) as conn:
+    with pytest.raises(OutboxError, match="empty file"):
+        connect(path)  # what CLI commands do: looking must not create an outbox
+    assert path.stat().st_size == 0
+    with closing(connect(path, create=True)) as conn:
         assert pragma(conn, "user_version") == latest_version()
 
 

@@ -65,6 +65,10 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
         raise OutboxError(f"{path}: no outbox here (the daemon creates it on first start)")
     if path.exists() and not path.is_file():
         raise OutboxError(f"{path}: not a regular file")
+    if not create and path.stat().st_size == 0:
+        # Only the daemon creates an outbox; a CLI command looking at an empty file
+        # must not turn it into one.
+        raise OutboxError(f"{path}: empty file, no outbox yet (the daemon creates it)")
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     # Percent-encoded: in a URI, "?", "#" and "%" in a directory name would otherwise
