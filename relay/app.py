@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
@@ -156,9 +157,14 @@ async def purge_loop(app: web.Application) -> None:
     interval = min(PURGE_INTERVAL_SECONDS, keep / 4)
     while True:
         cutoff = format_epoch(state.clock() - keep)
-        deleted = await outbox.purge_sent(cutoff)
-        if deleted:
-            log.info("sent_purged", rows=deleted, before=cutoff)
+        try:
+            deleted = await outbox.purge_sent(cutoff)
+        except sqlite3.OperationalError as exc:
+            # A busy or full disk is no reason to stop the relay; the next round retries.
+            log.error("purge_failed", error=str(exc))
+        else:
+            if deleted:
+                log.info("sent_purged", rows=deleted, before=cutoff)
         await asyncio.sleep(interval)
 
 
@@ -168,16 +174,29 @@ async def reload_vehicles(app: web.Application, vehicles: Mapping[str, str]) -> 
     added = sorted(set(vehicles) - set(state.vehicles))
     removed = sorted(set(state.vehicles) - set(vehicles))
     state.vehicles = vehicles
-    if state.forwarder is not None:
-        state.forwarder.set_vehicles(vehicles)
-    released = await app[OUTBOX].release_held(vehicles)
-    if state.forwarder is not None and released:
-        state.forwarder.notify(released)
+    forwarder = state.forwarder
+    if forwarder is not None:
+        forwarder.set_vehicles(vehicles)
+    outbox = app[OUTBOX]
+    released = await outbox.release_held(vehicles)
+    if forwarder is not None and released:
+        forwarder.notify(released)
+    held = 0
+    if removed:
+        # Held now rather than when a lane next looks, which may be after a long backoff.
+        # Delivered rows are recorded first so they end 'sent', not 'held'.
+        if forwarder is not None:
+            await forwarder.flush_acks()
+        for vehicle_id in removed:
+            # Checked at each step: a second reload may have mapped it again meanwhile.
+            if vehicle_id not in state.vehicles:
+                held += await outbox.hold_vehicle(vehicle_id)
     log.info(
         "vehicles_reloaded",
         vehicles=len(vehicles),
         added=len(added),
         removed=len(removed),
         released_rows=sum(released.values()),
+        held_rows=held,
     )
     return released

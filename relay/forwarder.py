@@ -16,6 +16,8 @@ Design:
 from __future__ import annotations
 
 import asyncio
+import enum
+import math
 import random
 import sqlite3
 from collections import Counter
@@ -34,16 +36,22 @@ log = structlog.get_logger("relay.forwarder")
 
 LANE_BATCH = 100
 RESCAN_SECONDS = 5.0
+# Timers may fire a hair early: re-check, but boundedly (a frozen test clock must not spin).
+_DUE_CHECKS = 3
 
 
 @dataclass
-class PauseState:
-    """Set while Cartrack refuses our key (401/403)."""
-
+class PauseState:  # set while Cartrack refuses our key (401/403)
     since: float
     probes: int
     probe_at: float
     status: int | None
+
+
+class _Done(enum.Enum):
+    DELIVERED = "delivered"  # sent or dead-lettered: the lane moves on
+    STOPPING = "stopping"
+    UNMAPPED = "unmapped"  # the vehicle left the map: its rows are held
 
 
 class Forwarder:
@@ -98,43 +106,63 @@ class Forwarder:
 
     async def run(self) -> None:
         """Dispatch lanes until stopped; raises if a lane or the flusher hits a bug."""
+        loop = asyncio.get_running_loop()
         flusher = asyncio.create_task(self._flush_loop(), name="forwarder-flusher")
+        flusher.add_done_callback(lambda _: self._wake.set())
         try:
             self._dirty.update(await self.outbox.pending_vehicles())
-            next_rescan = self.clock() + self.rescan_seconds
+            next_rescan = loop.time() + self.rescan_seconds
             while not self._stopping.is_set():
                 if self._fatal is not None:
                     raise self._fatal
                 if flusher.done():
                     flusher.result()
                     raise RuntimeError("ack flusher stopped")
-                if self.clock() >= next_rescan:
-                    # Catches rows changed behind our back: `requeue` from the CLI.
-                    self._dirty.update(await self.outbox.pending_vehicles())
-                    next_rescan = self.clock() + self.rescan_seconds
+                if loop.time() >= next_rescan:
+                    # Catches rows changed behind our back (`requeue` from the CLI) and
+                    # restarts lanes that died of a storage error.
+                    try:
+                        self._dirty.update(await self.outbox.pending_vehicles())
+                    except sqlite3.OperationalError as exc:
+                        self.stats["storage_errors"] += 1
+                        log.error("rescan_failed", error=str(exc))
+                    next_rescan = loop.time() + self.rescan_seconds
                 for vehicle_id in list(self._dirty):
                     if vehicle_id not in self._lanes:
                         self._start_lane(vehicle_id)
                 self._wake.clear()
-                timeout = max(0.0, next_rescan - self.clock())
-                await _wait_any(self._wake, self._stopping, timeout)
+                await _wait_stop(self._wake, max(0.0, next_rescan - loop.time()))
         finally:
             await self._drain(flusher)
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
+
+    async def flush_acks(self) -> None:
+        """Record delivered rows as sent now (before their vehicle's rows are held)."""
+        if self._acks:
+            await self._flush_once()
 
     async def _drain(self, flusher: asyncio.Task[None]) -> None:
         self._stopping.set()
-        lanes = list(self._lanes.values())
-        if lanes:
-            # Lanes exit at their next wait; an in-flight request is allowed to finish
-            # (bounded by cartrack.timeout_seconds). The caller bounds the whole stop.
+        try:
+            lanes = list(self._lanes.values())
+            if lanes:
+                # Lanes exit at their next wait; an in-flight request is allowed to finish
+                # (bounded by cartrack.timeout_seconds). The caller bounds the whole stop.
+                await asyncio.gather(*lanes, return_exceptions=True)
+        finally:
+            # Also when the caller's bound cancels us: what Cartrack already accepted is
+            # recorded before the outbox closes, instead of being sent again next start.
+            lanes = list(self._lanes.values())
+            for lane in lanes:
+                lane.cancel()
             await asyncio.gather(*lanes, return_exceptions=True)
-        self._ack_ready.set()
-        await asyncio.gather(flusher, return_exceptions=True)
-        if self._acks:
-            await self._flush_once()
+            self._ack_ready.set()
+            await asyncio.gather(flusher, return_exceptions=True)
+            if self._acks:
+                await self._flush_once()
 
     # -- lanes ---------------------------------------------------------------------------
 
@@ -149,6 +177,9 @@ class Forwarder:
             return
         exc = task.exception()
         if exc is None:
+            if vehicle_id in self._dirty:
+                # Rows committed after the lane's last look: a fresh lane, now, not at rescan.
+                self._wake.set()
             return
         if isinstance(exc, sqlite3.OperationalError):
             # Disk full, I/O error, lock timeout: environmental. The rows stay pending;
@@ -164,39 +195,63 @@ class Forwarder:
         while not self._stopping.is_set():
             self._dirty.discard(vehicle_id)
             rows = await self.outbox.next_rows(vehicle_id, LANE_BATCH + len(self._unacked))
+            # Delivered rows whose ack is not flushed yet still read as pending.
             rows = [row for row in rows if row.id not in self._unacked][:LANE_BATCH]
             if not rows:
                 if vehicle_id in self._dirty:
                     continue
                 return
             for row in rows:
-                vin = self.vehicles.get(vehicle_id)
-                if vin is None:
-                    held = await self.outbox.hold_vehicle(vehicle_id)
-                    log.warning("vehicle_unmapped", vehicle_id=vehicle_id, held=held)
+                done = await self._deliver(row)
+                if done is _Done.STOPPING:
                     return
-                if not await self._deliver(row, vin):
+                if done is _Done.UNMAPPED:
+                    await self._hold(vehicle_id)
                     return
+                if vehicle_id in self._dirty:
+                    # Rows committed meanwhile may be older than the rest of this batch
+                    # (Frotcom's batches overlap): read again so they go first.
+                    break
 
-    async def _deliver(self, row: OutboxRow, vin: str) -> bool:
-        """Send one row until it is sent or dead-lettered; False when stopping."""
-        body = with_vin(row.payload, vin)
+    async def _hold(self, vehicle_id: str) -> None:
+        # Rows already delivered must end 'sent', not 'held' (then re-sent on release).
+        await self.flush_acks()
+        if vehicle_id in self.vehicles:
+            return  # mapped again by a reload meanwhile, which also notified us
+        held = await self.outbox.hold_vehicle(vehicle_id)
+        log.warning("vehicle_unmapped", vehicle_id=vehicle_id, held=held)
+
+    async def _wait_due(self, due: float) -> bool:
+        """Sleep until the clock reads ``due``; False when stopping."""
+        for _ in range(_DUE_CHECKS):
+            delay = due - self.clock()
+            if delay <= 0:
+                break
+            if await _wait_stop(self._stopping, delay):
+                return False
+        return not self._stopping.is_set()
+
+    async def _deliver(self, row: OutboxRow) -> _Done:
+        """Send one row until it is sent or dead-lettered, or the lane must stop."""
         attempts = row.attempts
-        due_ms = parse_timestamp(row.next_attempt_at)
+        due = parse_timestamp(row.next_attempt_at) / 1000
         while True:
-            delay = due_ms / 1000 - self.clock()
-            if delay > 0 and await _wait_stop(self._stopping, delay):
-                return False
-            if self._stopping.is_set():
-                return False
-            outcome = await self._send(body)
+            if not await self._wait_due(due):
+                return _Done.STOPPING
+            # Per attempt: a reload may drop the vehicle or fix its VIN during a backoff.
+            vin = self.vehicles.get(row.vehicle_id)
+            if vin is None:
+                return _Done.UNMAPPED
+            outcome = await self._send(with_vin(row.payload, vin))
+            if outcome is None:
+                return _Done.STOPPING
             attempts += 1
             if outcome.verdict is Verdict.SENT:
                 self.stats["sent"] += 1
                 self._acks.append((row.id, outcome.status))
                 self._unacked.add(row.id)
                 self._ack_ready.set()
-                return True
+                return _Done.DELIVERED
             if outcome.verdict is Verdict.REJECTED:
                 self.stats["failed"] += 1
                 await self.outbox.mark_failed(row.id, outcome.status, outcome.detail)
@@ -210,7 +265,7 @@ class Forwarder:
                     attempts=attempts,
                 )
                 await self.outbox.set_state("last_error", _describe(outcome))
-                return True
+                return _Done.DELIVERED
             if outcome.verdict is Verdict.AUTH and self.pause is not None:
                 wait = max(0.0, self.pause.probe_at - self.clock())
             else:
@@ -221,7 +276,9 @@ class Forwarder:
                     outcome.retry_after,
                     self.rand,
                 )
-            due_ms = int((self.clock() + wait) * 1000)
+            # Rounded up: Retry-After is a minimum, never shortened by truncation.
+            due_ms = math.ceil((self.clock() + wait) * 1000)
+            due = due_ms / 1000
             self.stats["retried"] += 1
             await self.outbox.mark_retry(row.id, format_ms(due_ms), outcome.status, outcome.detail)
             await self.outbox.set_state("last_error", _describe(outcome))
@@ -236,10 +293,16 @@ class Forwarder:
                 retry_in=round(wait, 3),
             )
 
-    async def _send(self, body: bytes) -> Outcome:
+    async def _send(self, body: bytes) -> Outcome | None:
+        """One request (or one probe while paused); None when stopping before it went out."""
         while True:
+            if self._stopping.is_set():
+                return None
             if self.pause is None:
                 async with self._slots:
+                    # After the wait for a slot: nothing new once stopping or paused.
+                    if self._stopping.is_set():
+                        return None
                     if self.pause is not None:
                         continue
                     outcome = await self.client.send(body)
@@ -253,10 +316,12 @@ class Forwarder:
                     continue
                 delay = pause.probe_at - self.clock()
                 if delay > 0 and await _wait_stop(self._stopping, delay):
-                    # Stopping: report the pause so the row is left pending.
-                    return Outcome(Verdict.AUTH, pause.status, "paused: shutting down", None, 0.0)
+                    return None
+                if self._stopping.is_set():
+                    return None
                 outcome = await self.client.send(body)
                 self.stats["probes"] += 1
+                # Only an answer about the event itself proves the key works; a 5xx does not.
                 if outcome.verdict in (Verdict.SENT, Verdict.REJECTED):
                     log.info(
                         "forwarder_resumed",
@@ -266,6 +331,7 @@ class Forwarder:
                     self.pause = None
                 else:
                     pause.probes += 1
+                    pause.status = outcome.status
                     pause.probe_at = self.clock() + backoff_delay(
                         pause.probes + 1,
                         self.retry.initial_seconds,
@@ -305,6 +371,7 @@ class Forwarder:
                     await self._flush_once()
                 except sqlite3.OperationalError as exc:
                     # Rows stay pending and excluded from lanes; try again shortly.
+                    self.stats["storage_errors"] += 1
                     log.error("ack_flush_failed", error=str(exc), rows=len(self._acks))
                     if await _wait_stop(self._stopping, self.retry.initial_seconds):
                         return
@@ -334,13 +401,3 @@ async def _wait_stop(stop: asyncio.Event, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-async def _wait_any(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:
-    waiters = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)

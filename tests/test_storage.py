@@ -274,10 +274,17 @@ async def test_mark_functions_change_only_pending_rows(
     clock.ms += 5000
     untouched = rows(db_path)
     for row_id in (ids[ts(1)], ids[ts(4)], held_id):
-        await outbox.mark_sent([(row_id, 200)])
+        if row_id != held_id:
+            await outbox.mark_sent([(row_id, 200)])
         await outbox.mark_retry(row_id, "2099-01-01T00:00:00.000Z", 500, "again")
         await outbox.mark_failed(row_id, 400, "no")
     assert [tuple(r) for r in rows(db_path)] == [tuple(r) for r in untouched]
+
+    # ...except that a held row delivered while in flight (its vehicle was unmapped
+    # meanwhile) is recorded as sent, so its release does not send it again.
+    await outbox.mark_sent([(held_id, 202)])
+    (held_row,) = rows(db_path, "id = ?", (held_id,))
+    assert (held_row["status"], held_row["last_status"]) == ("sent", 202)
 
 
 async def test_purge_sent_deletes_only_old_sent_rows(

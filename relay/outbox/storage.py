@@ -257,7 +257,9 @@ class Outbox:
             await self._conn.executemany(
                 "UPDATE positions SET status = 'sent', sent_at = ?, updated_at = ?,"
                 " attempts = attempts + 1, last_status = ?, last_error = NULL"
-                " WHERE id = ? AND status = 'pending'",
+                # 'held' too: a vehicle unmapped while its event was in flight has
+                # still been delivered, and must not be re-sent on release.
+                " WHERE id = ? AND (status = 'pending' OR status = 'held')",
                 rows,
             )
 
