@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from aiohttp import web
 
@@ -95,7 +95,7 @@ async def run_demo(
             ),
             name="simulator",
         )
-        line = _progress(app, cartrack, stats, out)
+        line = _progress(app, cartrack, out)
         while not simulator.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(simulator), PROGRESS_SECONDS)
@@ -132,19 +132,19 @@ async def run_demo(
     return 0
 
 
-def _progress(
-    app: web.Application, cartrack: FakeCartrack, stats: SimulatorStats, out: TextIO
-) -> Callable[..., object]:
+def _progress(app: web.Application, cartrack: FakeCartrack, out: TextIO) -> Callable[..., Any]:
     tty = out.isatty()
     last_printed = ""
 
     async def line(final: bool = False) -> None:
         nonlocal last_printed
+        # This run's flow (the outbox in --dir may hold earlier runs) and the outbox now.
         counts = await app[OUTBOX].counts()
-        received = app[STATE].stats["received"]
+        state = app[STATE]
+        sent = state.forwarder.stats["sent"] if state.forwarder is not None else 0
         text = (
-            f"received {received:>6} | stored {sum(counts.values()):>6} | "
-            f"sent {counts['sent']:>6} | pending {counts['pending']:>5} | "
+            f"received {state.stats['received']:>6} | stored {state.stats['stored']:>6} | "
+            f"sent {sent:>6} | pending {counts['pending']:>5} | "
             f"held {counts['held']:>3} | failed {counts['failed']:>3} | "
             f"cartrack got {len(cartrack.accepted):>6}"
         )
