@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from relay.app import create_app
 from relay.config import Config, parse_config
@@ -22,12 +25,24 @@ VIN = "WDB9634031L123456"
 VIN2 = "1HGCM82633A004352"
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _quiet_logs() -> None:
-    # Info level, so structlog.testing.capture_logs() sees info events (the level
-    # filter sits in the wrapper class, before capture_logs' processor); pytest
-    # captures the console output and shows it only for failures.
+@pytest.fixture(autouse=True)
+def _logging() -> None:
+    # Per test: some code under test (the demo, serve) configures logging itself.
+    # Info level, so capture_logs() sees info events (the level filter sits in the
+    # wrapper class, before capture_logs' processor); pytest shows output on failure.
     configure_logging("info", json=False)
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """Every structlog event of the test, at any level, as captured dicts."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    with capture_logs() as entries:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+        try:
+            yield entries
+        finally:
+            structlog.configure(wrapper_class=wrapper)
 
 
 def position(

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import VIN, VIN2, batch, position, post_batch, rows, wait_until
-from structlog.testing import capture_logs
 
 from relay.app import create_app, reload_vehicles
 from relay.config import Config
@@ -21,18 +18,6 @@ from relay.forwarder import Forwarder
 from relay.outbox.schema import OutboxError
 from relay.outbox.storage import Outbox
 from relay.state import OUTBOX, STATE
-
-
-@pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    """Every structlog event at any level, whatever level the suite set for its console."""
-    wrapper = structlog.get_config()["wrapper_class"]
-    with capture_logs() as entries:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-        try:
-            yield entries
-        finally:
-            structlog.configure(wrapper_class=wrapper)
 
 
 def names(logs: list[dict[str, Any]]) -> list[str]:

@@ -6,17 +6,15 @@ import asyncio
 import copy
 import itertools
 import json
-import logging
 import math
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
@@ -421,18 +419,6 @@ async def test_start_twice_is_an_error(fake: FakeCartrack) -> None:
     await fake.stop()  # idempotent
 
 
-@pytest.fixture
-def info_logs() -> Iterator[None]:
-    # The suite configures warning level; the listening line is logged at info.
-    previous = structlog.get_config()["wrapper_class"]
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    try:
-        yield
-    finally:
-        structlog.configure(wrapper_class=previous)
-
-
-@pytest.mark.usefixtures("info_logs")
 async def test_run_fake_cartrack_logs_url_and_rejections(http: aiohttp.ClientSession) -> None:
     listening = asyncio.Event()
 

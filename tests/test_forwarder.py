@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import VIN, VIN2, batch, position, post_batch, rows, wait_until
-from structlog.testing import capture_logs
 
 from relay.app import create_app, reload_vehicles
 from relay.cartrack import DETAIL_LIMIT
@@ -91,18 +88,6 @@ def all_sent(db: Path, count: int) -> Callable[[], bool]:
 
 def events_named(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [entry for entry in logs if entry["event"] == name]
-
-
-@pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    """Every structlog event at any level, whatever level the suite set for its console."""
-    wrapper = structlog.get_config()["wrapper_class"]
-    with capture_logs() as entries:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-        try:
-            yield entries
-        finally:
-            structlog.configure(wrapper_class=wrapper)
 
 
 @pytest.fixture

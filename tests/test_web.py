@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from conftest import TOKEN, VIN, batch, position, post_batch, rows
@@ -25,17 +23,6 @@ from relay.web import token_ok
 
 PATH = "/webhooks/frotcom"
 ClientFactory = Callable[..., Any]
-
-
-@pytest.fixture
-def info_logs() -> Iterator[None]:
-    """Let info events through the level filter so capture_logs() sees them."""
-    old = structlog.get_config()["wrapper_class"]
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    try:
-        yield
-    finally:
-        structlog.configure(wrapper_class=old)
 
 
 @pytest.fixture
@@ -177,7 +164,7 @@ async def test_odd_but_valid_json_is_stored_not_a_500(relay: TestClient) -> None
     assert reason.startswith("Latitude: 1000")
 
 
-async def test_batch_stored_log_event(relay: TestClient, info_logs: None) -> None:
+async def test_batch_stored_log_event(relay: TestClient) -> None:
     body = batch(
         ("9876543", [position("2023-10-25T16:29:31Z"), position("2023-10-25T16:29:31Z")]),
         ("5555555", [position("2023-10-25T16:29:31Z"), {"Timestamp": 1}]),
@@ -216,7 +203,7 @@ async def test_batch_stored_log_event(relay: TestClient, info_logs: None) -> Non
         {"X-Authorization": TOKEN},
     ],
 )
-async def test_unauthorized(relay: TestClient, headers: dict[str, str], info_logs: None) -> None:
+async def test_unauthorized(relay: TestClient, headers: dict[str, str]) -> None:
     with capture_logs() as logs:
         response = await relay.post(PATH, json=batch(("9876543", [position()])), headers=headers)
     assert response.status == 401
@@ -293,7 +280,7 @@ def test_token_ok(header: str | None, tokens: tuple[bytes, ...], ok: bool) -> No
         (b'{"Messages": []}', "'PvtMessages' must be an array"),
     ],
 )
-async def test_bad_request(relay: TestClient, body: bytes, detail: str, info_logs: None) -> None:
+async def test_bad_request(relay: TestClient, body: bytes, detail: str) -> None:
     with capture_logs() as logs:
         response = await post_raw(relay, body)
     assert response.status == 400
@@ -350,7 +337,7 @@ BIG = batch(
 )
 
 
-async def test_disk_full_is_500_then_a_retry_succeeds(relay: TestClient, info_logs: None) -> None:
+async def test_disk_full_is_500_then_a_retry_succeeds(relay: TestClient) -> None:
     path = db(relay)
     conn = relay.app[OUTBOX]._conn
     # SQLite's disk-full path, for real: the outbox's connection may not grow the file.
@@ -394,7 +381,7 @@ async def test_outbox_locked_too_long_is_500(
         other.close()
 
 
-async def test_unexpected_error_is_json_500(start: Callable[..., Any], info_logs: None) -> None:
+async def test_unexpected_error_is_json_500(start: Callable[..., Any]) -> None:
     async def broken(request: web.Request) -> web.Response:
         raise RuntimeError("a bug")
 
