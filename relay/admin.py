@@ -182,22 +182,9 @@ def requeue(
     status: str = "failed",
     dry_run: bool = False,
     clock: Clock = system_clock,
-) -> int:
-    """Put failed (or sent) rows back in the queue; returns how many rows matched."""
-    return requeue_detail(config, vehicles, since, until, status, dry_run, clock).total
-
-
-def requeue_detail(
-    config: Config,
-    vehicles: Sequence[str] = (),
-    since: str | None = None,
-    until: str | None = None,
-    status: str = "failed",
-    dry_run: bool = False,
-    clock: Clock = system_clock,
     pause: float = CHUNK_PAUSE_SECONDS,
 ) -> RequeueResult:
-    """Requeue with the split into pending and held (vehicles without a VIN)."""
+    """Put failed (or sent) rows back in the queue: pending, or held for vehicles without a VIN."""
     if status not in REQUEUE_STATUSES:
         raise FilterError(f"status: must be one of {', '.join(REQUEUE_STATUSES)}")
     where, params = _requeue_filter(status, vehicles, since, until)

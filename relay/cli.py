@@ -220,21 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Flushed here, not at interpreter exit, so a closed pipe is handled below.
         sys.stdout.flush()
         return code
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except OutboxError as exc:
-        print(f"outbox error: {exc}", file=sys.stderr)
-        return EXIT_OUTBOX
-    except FilterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except AdminError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.code
+    except (ConfigError, OutboxError, FilterError, AdminError, CliError) as exc:
+        prefix, code = _failure(exc)
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         # `cartrack-relay status | head`: the reader left; say nothing more.
         # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
@@ -245,6 +234,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PIPE
     except KeyboardInterrupt:
         return 130
+
+
+def _failure(exc: Exception) -> tuple[str, int]:
+    """The stderr prefix and exit status for an error the user can act on."""
+    if isinstance(exc, ConfigError):
+        return "config error", EXIT_CONFIG
+    if isinstance(exc, OutboxError):
+        return "outbox error", EXIT_OUTBOX
+    if isinstance(exc, FilterError):
+        return "error", EXIT_CONFIG
+    if isinstance(exc, CliError):
+        return "error", exc.code
+    return "error", EXIT_RUNTIME
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -274,13 +276,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from relay.admin import requeue_detail
+    from relay.admin import requeue
     from relay.forwarder import RESCAN_SECONDS
 
     # Both are normalised by _iso_time, so text order is time order.
     if args.since is not None and args.until is not None and args.since >= args.until:
         raise CliError(f"--since ({args.since}) must be before --until ({args.until})", EXIT_CONFIG)
-    result = requeue_detail(
+    result = requeue(
         _config(args),
         vehicles=args.vehicle,
         since=args.since,

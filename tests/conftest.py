@@ -139,6 +139,18 @@ def rows(db: Path, where: str = "1", params: tuple[Any, ...] = ()) -> list[sqlit
         conn.close()
 
 
+def snapshot(db: Path) -> list[tuple[Any, ...]]:
+    """Every stored row, to prove a command changed nothing."""
+    conn = sqlite3.connect(db)
+    try:
+        return [
+            *conn.execute("SELECT * FROM positions ORDER BY id"),
+            *conn.execute("SELECT * FROM quarantine ORDER BY id"),
+        ]
+    finally:
+        conn.close()
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait for a condition that has no event to wait on (e.g. rows in another process's DB)."""
     loop = asyncio.get_running_loop()

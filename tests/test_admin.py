@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import VIN, VIN2, batch, position, post_batch, rows, wait_until
+from conftest import VIN, VIN2, batch, position, post_batch, rows, snapshot, wait_until
 
 from relay import admin
 from relay.config import Config
@@ -54,17 +54,6 @@ def ids(db: Path, where: str = "1", params: tuple[Any, ...] = ()) -> list[int]:
     return [r["id"] for r in rows(db, where, params)]
 
 
-def snapshot(db: Path) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return [
-            *conn.execute("SELECT * FROM positions ORDER BY id"),
-            *conn.execute("SELECT * FROM quarantine ORDER BY id"),
-        ]
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def config(make_config: Callable[..., Config]) -> Config:
     return make_config(vehicles=MAPPED)
@@ -100,7 +89,7 @@ async def test_requeue_while_the_daemon_runs_delivers_dead_letters(
     assert report["last_error"]["message"].startswith("HTTP 422")
 
     cartrack.set_default(None)
-    assert await asyncio.to_thread(admin.requeue, config) == 3
+    assert (await asyncio.to_thread(admin.requeue, config)).total == 3
     await cartrack.wait_for(lambda fake: len(fake.accepted) == 3)
     await wait_until(lambda: len(rows(db, "status = 'sent'")) == 3)
     assert [e["event_ts"] for e in cartrack.accepted] == [
@@ -260,7 +249,7 @@ async def test_requeue_resets_rows_and_keeps_their_history(config: Config, outbo
     await outbox.mark_failed(second, 404, "not found")
 
     now = RECEIVED + DAY_MS
-    result = admin.requeue_detail(config, clock=at(now), pause=0)
+    result = admin.requeue(config, clock=at(now), pause=0)
     assert result == admin.RequeueResult(pending=2, held=0, held_vehicles=())
     requeued = rows(db)
     assert [r["status"] for r in requeued] == ["pending", "pending"]
@@ -303,7 +292,7 @@ async def test_requeue_walks_in_chunks_and_passes_filtered_rows(
         return conn
 
     monkeypatch.setattr(admin, "connect", traced)
-    result = admin.requeue_detail(config, vehicles=[A, UNMAPPED], pause=0)
+    result = admin.requeue(config, vehicles=[A, UNMAPPED], pause=0)
     assert result == admin.RequeueResult(pending=7, held=4, held_vehicles=(UNMAPPED,))
     assert ids(db, "status = 'failed'") == ids(db, "vehicle_id = ?", (B,))
     assert len(ids(db, "status = 'pending'")) == 7

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import VIN, VIN2, batch, position, rows
+from conftest import VIN, VIN2, batch, position, rows, snapshot
 
 import relay
 from relay.cli import main
@@ -88,17 +88,6 @@ def run(cwd: Path, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Comp
         timeout=30,
         check=False,
     )
-
-
-def snapshot(db: Path) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return [
-            *conn.execute("SELECT * FROM positions ORDER BY id"),
-            *conn.execute("SELECT * FROM quarantine ORDER BY id"),
-        ]
-    finally:
-        conn.close()
 
 
 def statuses(db: Path) -> dict[str, str]:
