@@ -27,13 +27,23 @@ from relay.timeutil import Clock, format_ms, parse_timestamp, system_clock
 T = TypeVar("T")
 _CHUNK = 500  # bound on SQL variables per statement
 
-# INDEXED BY: without statistics SQLite prefers the (status, updated_at) index here and
-# sorts every pending row for each vehicle (measured: 25 s for 200k rows, 500 vehicles,
-# against 5 ms on the partial index).
-PENDING_VEHICLE_AFTER = (
-    "SELECT vehicle_id FROM positions INDEXED BY positions_pending"
-    " WHERE status = 'pending' AND vehicle_id > ? ORDER BY vehicle_id LIMIT 1"
+# Vehicles with pending rows, as a loose index scan in one statement: each step seeks
+# the next vehicle_id in the partial index instead of reading every pending row.
+# INDEXED BY: without statistics SQLite prefers the (status, updated_at) index and
+# sorts every pending row (measured: 25 s for 200k rows over 500 vehicles). One
+# statement rather than one query per vehicle: 2,000 vehicles over 200k pending rows
+# took 602 ms as separate queries through the writer thread, 11 ms like this.
+PENDING_VEHICLES = """
+WITH RECURSIVE v(vehicle_id) AS (
+    SELECT (SELECT min(vehicle_id) FROM positions INDEXED BY positions_pending
+            WHERE status = 'pending')
+    UNION ALL
+    SELECT (SELECT min(vehicle_id) FROM positions INDEXED BY positions_pending
+            WHERE status = 'pending' AND vehicle_id > v.vehicle_id)
+    FROM v WHERE v.vehicle_id IS NOT NULL
 )
+SELECT vehicle_id FROM v WHERE vehicle_id IS NOT NULL
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,19 +232,9 @@ class Outbox:
     # -- forwarding ----------------------------------------------------------------------
 
     async def pending_vehicles(self) -> list[str]:
-        """Vehicles with pending rows (a skip-scan over the partial index)."""
-        async with self._lock:
-            found: list[str] = []
-            # Loose index scan: one index seek per vehicle instead of a GROUP BY over
-            # every pending row. "" sorts before every VehicleID (ids are never empty).
-            last = ""
-            while True:
-                async with self._conn.execute(PENDING_VEHICLE_AFTER, (last,)) as cursor:
-                    row = await cursor.fetchone()
-                if row is None:
-                    return found
-                last = row[0]
-                found.append(last)
+        """Vehicles with pending rows, in VehicleID order."""
+        async with self._lock, self._conn.execute(PENDING_VEHICLES) as cursor:
+            return [row[0] async for row in cursor]
 
     async def next_rows(self, vehicle_id: str, limit: int) -> list[OutboxRow]:
         """A vehicle's oldest pending rows, in the order Cartrack must see them."""
