@@ -92,7 +92,11 @@ def create_app(
                 yield
             finally:
                 await forwarder.stop()
-                await _bounded(state.forwarder_task, config.server.shutdown_timeout_seconds)
+                timeout = config.server.shutdown_timeout_seconds
+                if state.stopping_since is not None:
+                    elapsed = asyncio.get_running_loop().time() - state.stopping_since
+                    timeout = max(0.0, timeout - elapsed)
+                await _bounded(state.forwarder_task, timeout)
                 log.info("forwarder_stopped", **dict(forwarder.stats))
 
     async def maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -107,7 +111,17 @@ def create_app(
             await asyncio.gather(task, return_exceptions=True)
 
     app.cleanup_ctx.extend([outbox_ctx, forwarder_ctx, maintenance_ctx])
+    app.on_shutdown.append(_stop_forwarder)
     return app
+
+
+async def _stop_forwarder(app: web.Application) -> None:
+    # on_shutdown runs once the listener is closed, while in-flight webhook requests are
+    # still finishing: lanes stop at their next wait, and the shutdown bound starts now.
+    state = app[STATE]
+    state.stopping_since = asyncio.get_running_loop().time()
+    if state.forwarder is not None:
+        await state.forwarder.stop()
 
 
 def supervise(
@@ -145,7 +159,8 @@ async def _bounded(task: asyncio.Task[None] | None, timeout: float) -> None:
         return
     done, _ = await asyncio.wait({task}, timeout=timeout)
     if not done:
-        log.warning("shutdown_timeout", task=task.get_name(), timeout=timeout)
+        # Cancelled requests leave their rows pending: they go out after the restart.
+        log.warning("shutdown_timeout", task=task.get_name(), timeout=round(timeout, 3))
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 

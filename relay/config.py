@@ -138,10 +138,6 @@ def load_config(
     except RecursionError:
         raise ConfigError("", f"{path} is not valid TOML: nested too deeply") from None
     config = parse_config(data, env=os.environ if env is None else env, cwd=cwd)
-    return _with_source(config, path)
-
-
-def _with_source(config: Config, path: Path) -> Config:
     return replace(config, source=path.resolve())
 
 

@@ -7,7 +7,8 @@ map. A background task that dies ends the process with status 1, so systemd rest
 Shutdown order (aiohttp's ``runner.cleanup`` plus the hooks below):
 
 1. the listening socket closes: nothing new is accepted;
-2. ``on_shutdown``: the forwarder is told to stop, and one deadline starts for it;
+2. ``on_shutdown`` (in ``create_app``): the forwarder is told to stop, and its deadline
+   starts;
 3. in-flight webhook requests finish (or are cancelled at the deadline, unanswered);
 4. ``cleanup_ctx`` unwinds: the forwarder task ends (its last acks are flushed), then
    the outbox closes.
@@ -58,21 +59,6 @@ async def serve(config: Config) -> int:
     register_secrets([config.cartrack.api_key, *config.frotcom.tokens])
     timeout = config.server.shutdown_timeout_seconds
     app = create_app(config)
-    watchdogs: list[asyncio.Task[None]] = []
-
-    async def stop_forwarder(app: web.Application) -> None:
-        # Runs once the listener is closed, while in-flight requests are still finishing:
-        # lanes stop at their next wait instead of after the HTTP drain, and the deadline
-        # for the forwarder runs alongside the drain's own.
-        state = app[STATE]
-        if state.forwarder is not None:
-            await state.forwarder.stop()
-        if state.forwarder_task is not None and not state.forwarder_task.done():
-            watchdogs.append(
-                asyncio.create_task(_cancel_after(state.forwarder_task, timeout), name="deadline")
-            )
-
-    app.on_shutdown.append(stop_forwarder)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=timeout)
     signals = _Signals(app)
     # Installed before the outbox opens and kept until it is closed: a signal in between
@@ -92,9 +78,6 @@ async def serve(config: Config) -> int:
             log.info("relay_stopping", timeout=timeout)
             await signals.finish_reloads(timeout)
             await runner.cleanup()
-            for task in watchdogs:
-                task.cancel()
-            await asyncio.gather(*watchdogs, return_exceptions=True)
             log.info("relay_stopped", exit_code=exit_code)
         return exit_code
     finally:
@@ -231,14 +214,6 @@ async def _reload(app: web.Application) -> None:
         # The new map may be half applied (in memory, not yet in the outbox): held rows
         # stay held until the next SIGHUP or restart releases them. Not worth dying for.
         log.error("reload_failed", key="vehicles", error=f"{type(exc).__name__}: {exc}")
-
-
-async def _cancel_after(task: asyncio.Task[None], timeout: float) -> None:
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    if not done:
-        # Cancelled requests leave their rows pending: they go out after the restart.
-        log.warning("shutdown_timeout", task=task.get_name(), timeout=timeout)
-        task.cancel()
 
 
 def _safe_url(url: str) -> str:

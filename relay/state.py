@@ -30,6 +30,9 @@ class RelayState:
     # Resolved with the exception of the first supervised task that dies; `serve`
     # waits on it and exits non-zero so systemd restarts us.
     fatal: asyncio.Future[BaseException] | None = None
+    # loop.time() when shutdown began: the forwarder's bound counts from here, so it
+    # runs alongside the HTTP drain instead of after it.
+    stopping_since: float | None = None
 
 
 STATE = web.AppKey("state", RelayState)

@@ -21,6 +21,9 @@ from relay.state import OUTBOX, STATE
 
 log = structlog.get_logger("relay.web")
 
+# SPEC §1: the exact body Frotcom gets for any failure on our side.
+INTERNAL_ERROR = "Internal server error"
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -51,7 +54,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         # A bug, not bad input. A 500 makes Frotcom resend, which the outbox absorbs
         # even if the batch was already committed; the answer is still the documented JSON.
         log.exception("request_failed", method=request.method, path=request.path)
-        return web.json_response({"error": "Internal server error"}, status=500)
+        return error(500, INTERNAL_ERROR)
 
 
 def token_ok(header: str | None, tokens: tuple[bytes, ...]) -> bool:
@@ -112,7 +115,7 @@ async def ingest(request: web.Request) -> web.Response:
             positions=len(batch.positions),
             quarantined=len(batch.rejected),
         )
-        return web.json_response({"error": "Internal server error"}, status=500)
+        return error(500, INTERNAL_ERROR)
     state.stats["stored"] += result.accepted
     state.stats["duplicates"] += result.duplicates
     state.stats["quarantined"] += result.quarantined

@@ -55,6 +55,21 @@ def ids(db: Path, where: str = "1", params: tuple[Any, ...] = ()) -> list[int]:
 
 
 @pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every SQL statement the admin commands run, in order."""
+    traced: list[str] = []
+    real_connect = admin.connect
+
+    def connect(path: Path) -> sqlite3.Connection:
+        conn = real_connect(path)
+        conn.set_trace_callback(traced.append)
+        return conn
+
+    monkeypatch.setattr(admin, "connect", connect)
+    return traced
+
+
+@pytest.fixture
 def config(make_config: Callable[..., Config]) -> Config:
     return make_config(vehicles=MAPPED)
 
@@ -276,22 +291,13 @@ async def test_requeue_never_schedules_before_the_position(config: Config, outbo
 
 
 async def test_requeue_walks_in_chunks_and_passes_filtered_rows(
-    config: Config, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    config: Config, outbox: Outbox, monkeypatch: pytest.MonkeyPatch, statements: list[str]
 ) -> None:
     db = config.outbox.path
     await store(outbox, fleet({A: 7, B: 7, UNMAPPED: 4}), RECEIVED)
     for row_id in ids(db):
         await outbox.mark_failed(row_id, 422, "no")
     monkeypatch.setattr(admin, "CHUNK", 3)
-    statements: list[str] = []
-    real_connect = admin.connect
-
-    def traced(path: Path) -> sqlite3.Connection:
-        conn = real_connect(path)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    monkeypatch.setattr(admin, "connect", traced)
     result = admin.requeue(config, vehicles=[A, UNMAPPED], pause=0)
     assert result == admin.RequeueResult(pending=7, held=4, held_vehicles=(UNMAPPED,))
     assert ids(db, "status = 'failed'") == ids(db, "vehicle_id = ?", (B,))
@@ -405,7 +411,7 @@ ALLOWED_SCANS = ("positions_pending", "positions_held", "positions_failed")
 
 @pytest.mark.parametrize("analyzed", [False, True], ids=["fresh", "after-ANALYZE"])
 async def test_no_query_scans_the_positions_table(
-    config: Config, outbox: Outbox, monkeypatch: pytest.MonkeyPatch, analyzed: bool
+    config: Config, outbox: Outbox, statements: list[str], analyzed: bool
 ) -> None:
     db = config.outbox.path
     # Mostly sent rows, like a relay that has run for a while.
@@ -421,15 +427,6 @@ async def test_no_query_scans_the_positions_table(
         conn.execute("ANALYZE")
         conn.close()
 
-    statements: list[str] = []
-    real_connect = admin.connect
-
-    def traced(path: Path) -> sqlite3.Connection:
-        conn = real_connect(path)
-        conn.set_trace_callback(statements.append)
-        return conn
-
-    monkeypatch.setattr(admin, "connect", traced)
     admin.status(config)
     for status in ("failed", "sent"):
         for vehicles in ([], ["8000001", "8000002"]):
