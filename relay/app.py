@@ -50,7 +50,7 @@ def create_app(
     add_routes(app, config.server.path)
 
     async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
-        outbox = await Outbox.open(config.outbox.path, clock)
+        outbox = await Outbox.open(config.outbox.path, clock, config.outbox.min_free_bytes)
         app[OUTBOX] = outbox
         log.info("outbox_opened", path=str(config.outbox.path))
         try:

@@ -18,6 +18,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 API_KEY_ENV = "CARTRACK_RELAY_API_KEY"
+# systemd LoadCredential=cartrack_api_key:... puts the key in this file under
+# $CREDENTIALS_DIRECTORY, readable only by the service.
+API_KEY_CREDENTIAL = "cartrack_api_key"
+DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
 REGIONS = ("af", "as", "eu")
 # ISO 3779: 17 characters, digits and capital letters except I, O and Q.
 VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
@@ -41,6 +45,21 @@ class ServerConfig:
     path: str = "/webhooks/frotcom"
     max_body_bytes: int = 16 * 1024 * 1024
     shutdown_timeout_seconds: float = 10.0
+    # Both set: the webhook is served over HTTPS with this certificate chain and key.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Where /healthz, /readyz and /metrics are served.
+
+    ``port`` None: on the webhook's listener. Set: on their own listener at
+    ``host:port`` only, so the webhook's public address does not expose them.
+    """
+
+    host: str = "127.0.0.1"
+    port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,9 @@ class CartrackConfig:
 class OutboxConfig:
     path: Path = Path("outbox.sqlite3")
     keep_sent_days: float = 7.0
+    # Below this much free space on the outbox's filesystem, webhooks get 500
+    # before SQLite would hit the wall mid-transaction. 0 disables the guard.
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
 
 
 @dataclass(frozen=True)
@@ -80,13 +102,18 @@ class Config:
     outbox: OutboxConfig
     retry: RetryConfig
     vehicles: Mapping[str, str]
+    metrics: MetricsConfig = MetricsConfig()
     source: Path | None = None
 
     def redacted(self) -> dict[str, Any]:
         """A printable view with every secret masked (for ``check-config``)."""
         # Copies: the caller may change the view without touching the frozen config.
         return {
-            "server": asdict(self.server),
+            "server": {
+                **asdict(self.server),
+                "tls_cert_file": _opt_path(self.server.tls_cert_file),
+                "tls_key_file": _opt_path(self.server.tls_key_file),
+            },
             "frotcom": {
                 "tokens": [_mask(t) for t in self.frotcom.tokens],
                 "max_future_seconds": self.frotcom.max_future_seconds,
@@ -102,10 +129,16 @@ class Config:
             "outbox": {
                 "path": str(self.outbox.path),
                 "keep_sent_days": self.outbox.keep_sent_days,
+                "min_free_bytes": self.outbox.min_free_bytes,
             },
             "retry": asdict(self.retry),
+            "metrics": asdict(self.metrics),
             "vehicles": len(self.vehicles),
         }
+
+
+def _opt_path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _mask(secret: str) -> str:
@@ -148,14 +181,27 @@ def parse_config(
 ) -> Config:
     env = {} if env is None else env
     cwd = Path.cwd() if cwd is None else cwd
-    _only(data, "", {"server", "frotcom", "cartrack", "outbox", "retry", "vehicles"})
+    _only(data, "", {"server", "frotcom", "cartrack", "outbox", "retry", "metrics", "vehicles"})
     server = _section(data, "server")
     frotcom = _section(data, "frotcom")
     cartrack = _section(data, "cartrack")
     outbox = _section(data, "outbox")
     retry = _section(data, "retry")
+    metrics = _section(data, "metrics")
 
-    _only(server, "server", {"host", "port", "path", "max_body_bytes", "shutdown_timeout_seconds"})
+    _only(
+        server,
+        "server",
+        {
+            "host",
+            "port",
+            "path",
+            "max_body_bytes",
+            "shutdown_timeout_seconds",
+            "tls_cert_file",
+            "tls_key_file",
+        },
+    )
     path = _str(server, "server", "path", "/webhooks/frotcom")
     if not path.startswith("/"):
         raise ConfigError("server.path", "must start with '/'")
@@ -165,6 +211,19 @@ def parse_config(
         path=path,
         max_body_bytes=_int(server, "server", "max_body_bytes", 16 * 1024 * 1024, lo=1024),
         shutdown_timeout_seconds=_num(server, "server", "shutdown_timeout_seconds", 10.0, lo=0),
+        tls_cert_file=_readable_file(server, "server", "tls_cert_file", cwd),
+        tls_key_file=_readable_file(server, "server", "tls_key_file", cwd),
+    )
+    if (server_cfg.tls_cert_file is None) != (server_cfg.tls_key_file is None):
+        missing = "tls_key_file" if server_cfg.tls_key_file is None else "tls_cert_file"
+        raise ConfigError(
+            f"server.{missing}", "set both tls_cert_file and tls_key_file, or neither"
+        )
+
+    _only(metrics, "metrics", {"host", "port"})
+    metrics_cfg = MetricsConfig(
+        host=_nonempty(metrics, "metrics", "host", "127.0.0.1"),
+        port=_int(metrics, "metrics", "port", 0, lo=0, hi=65535) if "port" in metrics else None,
     )
 
     _only(frotcom, "frotcom", {"tokens", "max_future_seconds"})
@@ -210,11 +269,12 @@ def parse_config(
         concurrency=_int(cartrack, "cartrack", "concurrency", 32, lo=1, hi=1024),
     )
 
-    _only(outbox, "outbox", {"path", "keep_sent_days"})
+    _only(outbox, "outbox", {"path", "keep_sent_days", "min_free_bytes"})
     outbox_path = Path(_nonempty(outbox, "outbox", "path", "outbox.sqlite3"))
     outbox_cfg = OutboxConfig(
         path=outbox_path if outbox_path.is_absolute() else cwd / outbox_path,
         keep_sent_days=_num(outbox, "outbox", "keep_sent_days", 7.0, lo=0),
+        min_free_bytes=_int(outbox, "outbox", "min_free_bytes", DEFAULT_MIN_FREE_BYTES, lo=0),
     )
 
     _only(retry, "retry", {"initial_seconds", "max_seconds"})
@@ -232,6 +292,7 @@ def parse_config(
         outbox=outbox_cfg,
         retry=retry_cfg,
         vehicles=parse_vehicles(data.get("vehicles", {})),
+        metrics=metrics_cfg,
     )
 
 
@@ -283,12 +344,41 @@ def _api_key(section: Mapping[str, Any], env: Mapping[str, str], cwd: Path) -> s
         if not key:
             raise ConfigError("cartrack.api_key", "must not be empty")
         return key
+    credentials = env.get("CREDENTIALS_DIRECTORY", "")
+    if credentials:
+        file = Path(credentials) / API_KEY_CREDENTIAL
+        try:
+            key = file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            key = ""
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ConfigError(
+                "cartrack.api_key", f"cannot read credential {file}: {reason}"
+            ) from None
+        if key:
+            return key
     key = env.get(API_KEY_ENV, "").strip()
     if not key:
         raise ConfigError(
-            "cartrack.api_key", f"is required (or cartrack.api_key_file, or env {API_KEY_ENV})"
+            "cartrack.api_key",
+            f"is required (or cartrack.api_key_file, the systemd credential"
+            f" {API_KEY_CREDENTIAL}, or env {API_KEY_ENV})",
         )
     return key
+
+
+def _readable_file(section: Mapping[str, Any], prefix: str, key: str, cwd: Path) -> Path | None:
+    if key not in section:
+        return None
+    file = Path(_nonempty(section, prefix, key, ""))
+    file = file if file.is_absolute() else cwd / file
+    try:
+        with file.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{prefix}.{key}", f"cannot read {file}: {exc.strerror or exc}") from None
+    return file
 
 
 def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 
 from relay.mapping import BadRequest, decode_body, parse_batch
+from relay.outbox.storage import LowDiskSpace
 from relay.state import OUTBOX, STATE
 
 log = structlog.get_logger("relay.web")
@@ -107,6 +108,11 @@ async def ingest(request: web.Request) -> web.Response:
         result = await request.app[OUTBOX].store_batch(
             batch, state.vehicles, config.cartrack.provider, received_ms
         )
+    except LowDiskSpace as exc:
+        state.stats["store_errors"] += 1
+        log.error("outbox_low_space", free_bytes=exc.free, min_free_bytes=exc.minimum)
+        # 500, not 507: Frotcom retries 5xx, and the batch is welcome once space returns.
+        return error(500, "outbox full", "the relay's disk is nearly full; retry later")
     except (sqlite3.Error, OSError) as exc:
         state.stats["store_errors"] += 1
         log.error(

@@ -274,6 +274,14 @@ ERRORS: list[Any] = [
         id="key-both",
     ),
     pytest.param(with_("cartrack", "api_key", "  "), "cartrack.api_key: must not be empty", id="key-blank"),
+    # tls, metrics, free-space guard
+    pytest.param(with_("server", "tls_cert_file", "missing.pem"), "server.tls_cert_file: cannot read ", id="tls-cert-missing"),
+    pytest.param(with_("server", "tls_key_file", ""), "server.tls_key_file: must not be empty", id="tls-key-empty"),
+    pytest.param(with_("metrics", "port", 70000), "metrics.port: must be between 0 and 65535", id="metrics-port"),
+    pytest.param(with_("metrics", "host", ""), "metrics.host: must not be empty", id="metrics-host"),
+    pytest.param(with_("metrics", "path", "/m"), "metrics.path: unknown key", id="metrics-unknown"),
+    pytest.param(with_("outbox", "min_free_bytes", -1), "outbox.min_free_bytes: must be >= 0", id="min-free-negative"),
+    pytest.param(with_("outbox", "min_free_bytes", 1.5), "outbox.min_free_bytes: must be an integer", id="min-free-float"),
     # vehicles
     *[
         pytest.param(
@@ -484,3 +492,37 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     assert isinstance(config, Config)
     with pytest.raises(AttributeError):
         config.server.port = 1  # type: ignore[misc]
+
+
+def test_api_key_from_systemd_credential(tmp_path: Path) -> None:
+    (tmp_path / "cartrack_api_key").write_text(f"{KEY}\n")
+    data = minimal()
+    del data["cartrack"]["api_key"]
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path), API_KEY_ENV: "from-env"}
+    assert parse_config(data, env=env, cwd=tmp_path).cartrack.api_key == KEY
+
+
+def test_missing_credential_falls_back_to_env(tmp_path: Path) -> None:
+    data = minimal()
+    del data["cartrack"]["api_key"]
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path), API_KEY_ENV: "from-env"}
+    assert parse_config(data, env=env, cwd=tmp_path).cartrack.api_key == "from-env"
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    assert error_of(with_("server", "tls_cert_file", "cert.pem"), tmp_path) == (
+        "server.tls_key_file: set both tls_cert_file and tls_key_file, or neither"
+    )
+    data = minimal()
+    data["server"] = {"tls_cert_file": "cert.pem", "tls_key_file": str(tmp_path / "key.pem")}
+    server = parse_config(data, env={}, cwd=tmp_path).server
+    assert (server.tls_cert_file, server.tls_key_file) == (tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+def test_metrics_listener_is_opt_in(tmp_path: Path) -> None:
+    assert parse_config(minimal(), env={}, cwd=tmp_path).metrics.port is None
+    config = parse_config(with_("metrics", "port", 9108), env={}, cwd=tmp_path)
+    assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9108)
+    assert config.redacted()["metrics"] == {"host": "127.0.0.1", "port": 9108}

@@ -363,6 +363,27 @@ async def test_disk_full_is_500_then_a_retry_succeeds(relay: TestClient) -> None
     assert len(rows(path)) == 600
 
 
+async def test_low_disk_space_guard_is_500_before_writing(
+    start: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Demand more free space than the disk has: the guard must refuse before SQLite runs.
+    demand = storage.free_bytes(tmp_path) + 2**40
+    client = await start(outbox={"min_free_bytes": demand})
+    path = db(client)
+    with capture_logs() as logs:
+        status, answer = await post_batch(client, BIG)
+    assert status == 500
+    assert answer == {"error": "outbox full", "detail": "the relay's disk is nearly full; retry later"}
+    assert stored_nothing(path)
+    (event,) = [e for e in logs if e["event"] == "outbox_low_space"]
+    assert event["min_free_bytes"] == demand and event["free_bytes"] < demand
+
+    client.app[OUTBOX].min_free_bytes = 0  # space returns: no restart needed
+    status, answer = await post_batch(client, BIG)
+    assert (status, answer["accepted"]) == (200, 600)
+    assert len(rows(path)) == 600
+
+
 async def test_outbox_locked_too_long_is_500(
     start: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +46,22 @@ WITH RECURSIVE v(vehicle_id) AS (
 )
 SELECT vehicle_id FROM v WHERE vehicle_id IS NOT NULL
 """
+
+
+class LowDiskSpace(OSError):
+    """The outbox's filesystem is below ``outbox.min_free_bytes``: refuse before writing."""
+
+    def __init__(self, path: Path, free: int, minimum: int) -> None:
+        super().__init__(errno.ENOSPC, f"{free} bytes free, below min_free_bytes={minimum}")
+        self.path = path
+        self.free = free
+        self.minimum = minimum
+
+
+def free_bytes(path: Path) -> int:
+    """Space an unprivileged writer can still use on the filesystem holding ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,14 +99,17 @@ def fingerprint(vehicle_id: str | None, raw: Any) -> str:
 
 
 class Outbox:
-    def __init__(self, conn: aiosqlite.Connection, path: Path, clock: Clock) -> None:
+    def __init__(
+        self, conn: aiosqlite.Connection, path: Path, clock: Clock, min_free_bytes: int = 0
+    ) -> None:
         self._conn = conn
         self._lock = asyncio.Lock()
         self.path = path
         self.clock = clock
+        self.min_free_bytes = min_free_bytes
 
     @classmethod
-    async def open(cls, path: Path, clock: Clock = system_clock) -> Outbox:
+    async def open(cls, path: Path, clock: Clock = system_clock, min_free_bytes: int = 0) -> Outbox:
         # Validation and migration run once, synchronously, before the daemon serves.
         def prepare() -> None:
             connect(path, create=True).close()
@@ -101,7 +122,7 @@ class Outbox:
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # FULL: a commit that acknowledged Frotcom survives an OS crash or power loss.
         await conn.execute("PRAGMA synchronous = FULL")
-        return cls(conn, path, clock)
+        return cls(conn, path, clock, min_free_bytes)
 
     async def close(self) -> None:
         async with self._lock:
@@ -109,6 +130,19 @@ class Outbox:
 
     def now(self) -> str:
         return format_ms(int(self.clock() * 1000))
+
+    def check_free_space(self) -> None:
+        """Raise LowDiskSpace when new rows could run the filesystem full.
+
+        SQLite rolls back cleanly on SQLITE_FULL, but only after the request did all
+        its work, and a full disk can also fail the WAL checkpoint; refusing early
+        keeps headroom for the forwarder's status updates and for recovery.
+        """
+        if self.min_free_bytes <= 0:
+            return
+        free = free_bytes(self.path.parent)
+        if free < self.min_free_bytes:
+            raise LowDiskSpace(self.path, free, self.min_free_bytes)
 
     async def _transaction(self, work: Callable[[], Any]) -> Any:
         """Run ``work`` (an async callable) inside BEGIN IMMEDIATE ... COMMIT."""
@@ -135,6 +169,7 @@ class Outbox:
         received_ms: int,
     ) -> StoreResult:
         """Store one request's positions and quarantined input in one transaction."""
+        self.check_free_space()
         received_at = format_ms(received_ms)
         positions = sorted(batch.positions, key=lambda p: (p.vehicle_id, p.ts_ms))
         vehicle_ids = sorted({p.vehicle_id for p in positions})
