@@ -3,6 +3,9 @@
 SIGTERM/SIGINT stop accepting, let in-flight webhook requests and deliveries finish
 within ``server.shutdown_timeout_seconds`` and exit 0. SIGHUP re-reads the vehicle
 map. A background task that dies ends the process with status 1, so systemd restarts it.
+With ``server.tls_cert_file``/``tls_key_file`` the webhook is served over HTTPS; a pair
+that does not load is a configuration error (exit 2) before the outbox is touched.
+Under systemd's ``WatchdogSec=`` a task on the event loop pings ``WATCHDOG=1``.
 
 Shutdown order (aiohttp's ``runner.cleanup`` plus the hooks below):
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 from collections.abc import Coroutine
 from typing import Any
 
@@ -30,9 +34,9 @@ from yarl import URL
 
 from relay.app import create_app, reload_vehicles
 from relay.cli import EXIT_RUNTIME, CliError
-from relay.config import Config, ConfigError, load_config
+from relay.config import Config, ConfigError, ServerConfig, load_config
 from relay.logging import register_secrets
-from relay.sdnotify import notify, reloading_message
+from relay.sdnotify import notify, reloading_message, watchdog, watchdog_interval
 from relay.state import STATE
 
 log = structlog.get_logger("relay.serve")
@@ -57,6 +61,7 @@ class ListenError(CliError):
 
 async def serve(config: Config) -> int:
     register_secrets([config.cartrack.api_key, *config.frotcom.tokens])
+    ssl_context = tls_context(config.server)
     timeout = config.server.shutdown_timeout_seconds
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=timeout)
@@ -64,6 +69,7 @@ async def serve(config: Config) -> int:
     # Installed before the outbox opens and kept until it is closed: a signal in between
     # would otherwise take its default action (SIGHUP, a second SIGTERM: instant death).
     signals.install()
+    pinger = _start_watchdog()
     try:
         try:
             await runner.setup()  # opens and migrates the outbox, starts the forwarder
@@ -72,7 +78,7 @@ async def serve(config: Config) -> int:
             raise
         exit_code = EXIT_CRASH
         try:
-            exit_code = await _run(config, app, runner, signals)
+            exit_code = await _run(config, app, runner, signals, ssl_context)
         finally:
             notify("STOPPING=1")
             log.info("relay_stopping", timeout=timeout)
@@ -82,16 +88,74 @@ async def serve(config: Config) -> int:
         return exit_code
     finally:
         signals.remove()
+        if pinger is not None:
+            # Pinged until the outbox is closed: a slow but live shutdown (the last acks,
+            # the WAL checkpoint) is not a hang.
+            pinger.cancel()
+            await asyncio.gather(pinger, return_exceptions=True)
+
+
+def _start_watchdog() -> asyncio.Task[None] | None:
+    interval = watchdog_interval()
+    if interval is None:
+        return None
+    log.info("watchdog_enabled", interval_seconds=interval)
+    return asyncio.create_task(watchdog(interval), name="watchdog")
+
+
+def tls_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """The HTTPS context for the webhook listener, or None for plain HTTP.
+
+    Loaded before anything else starts, so a bad pair is one ``config error`` line
+    naming the key at fault, not a traceback after the outbox has been opened.
+    """
+    cert, key = server.tls_cert_file, server.tls_key_file
+    if cert is None or key is None:
+        return None  # config.py guarantees both or neither
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        # Checked on its own first: load_cert_chain's errors do not say which file is bad.
+        ssl.create_default_context(cafile=str(cert))
+    except ssl.SSLError:
+        raise ConfigError("server.tls_cert_file", f"{cert} holds no PEM certificate") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError("server.tls_cert_file", f"cannot read {cert}: {_reason(exc)}") from None
+    try:
+        # The password callback stops OpenSSL from prompting on a terminal for an
+        # encrypted key, which would hang a service; such a key fails here instead.
+        context.load_cert_chain(str(cert), str(key), password=_no_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            message = f"{key} is not the private key of the certificate in {cert}"
+        else:
+            message = f"{key} holds no unencrypted PEM private key"
+        raise ConfigError("server.tls_key_file", message) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError("server.tls_key_file", f"cannot read {key}: {_reason(exc)}") from None
+    return context
+
+
+def _no_password() -> bytes:
+    return b""
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 async def _run(
-    config: Config, app: web.Application, runner: web.AppRunner, signals: _Signals
+    config: Config,
+    app: web.Application,
+    runner: web.AppRunner,
+    signals: _Signals,
+    ssl_context: ssl.SSLContext | None,
 ) -> int:
     """Listen, announce readiness, and wait for a stop signal or a dead background task."""
     fatal = app[STATE].fatal
     assert fatal is not None  # set by create_app's forwarder context during setup
     if not signals.stop.is_set() and not fatal.done():
-        site = web.TCPSite(runner, config.server.host, config.server.port)
+        site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -103,6 +167,7 @@ async def _run(
             "relay_started",
             listen=[f"{h}:{p}" for h, p, *_ in runner.addresses],
             path=config.server.path,
+            tls=ssl_context is not None,
             outbox=str(config.outbox.path),
             cartrack=_safe_url(config.cartrack.url),
             vehicles=len(config.vehicles),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import tempfile
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from relay.sdnotify import notify, reloading_message
+from relay.sdnotify import notify, reloading_message, watchdog, watchdog_interval
 
 
 @pytest.fixture
@@ -94,3 +95,62 @@ def test_reloading_message_carries_the_monotonic_clock() -> None:
     key, value = lines[1].split("=")
     assert key == "MONOTONIC_USEC"
     assert before <= int(value) <= after
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "4242"}, 15.0),
+        ({"WATCHDOG_USEC": "100000", "WATCHDOG_PID": ""}, 0.05),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "4243"}, None),
+        ({}, None),
+        ({"WATCHDOG_USEC": ""}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "-5"}, None),
+        ({"WATCHDOG_USEC": "30s"}, None),
+        ({"WATCHDOG_USEC": "\u0663"}, None),  # a digit, but not an ASCII one
+        ({"WATCHDOG_PID": "4242"}, None),
+    ],
+    ids=[
+        "usec",
+        "our-pid",
+        "empty-pid",
+        "other-pid",
+        "unset",
+        "empty",
+        "zero",
+        "negative",
+        "unit-suffix",
+        "non-ascii-digit",
+        "pid-only",
+    ],
+)
+def test_watchdog_interval_is_half_of_watchdog_usec(
+    env: dict[str, str], expected: float | None
+) -> None:
+    assert watchdog_interval(env, pid=4242) == expected
+
+
+def test_watchdog_interval_reads_this_process_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval() == 1.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert watchdog_interval() is None
+
+
+async def test_watchdog_pings_until_cancelled(listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(watchdog(0.01, env={"NOTIFY_SOCKET": path}))
+    try:
+        pings = [await asyncio.wait_for(loop.sock_recv(sock, 4096), 5) for _ in range(3)]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert pings == [b"WATCHDOG=1"] * 3
+    assert task.cancelled()

@@ -9,9 +9,12 @@ log, the outbox file, and the events Cartrack received.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import socket
 import sqlite3
+import ssl
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -20,12 +23,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from conftest import API_KEY, TOKEN, VIN, VIN2, batch, position, rows, wait_until
 from proc import RelayProcess, console_script
 
+from relay.config import ConfigError, ServerConfig
 from relay.devtools.fake_cartrack import FakeCartrack, Response, validate_event
 from relay.outbox.schema import connect
+from relay.serve import tls_context
 
 pytestmark = pytest.mark.slow
 
@@ -481,3 +487,122 @@ async def test_notify_ready_only_once_listening_then_stopping(
     relay.send_signal(signal.SIGTERM)
     assert await _datagram(sock) == "STOPPING=1"
     assert await relay.wait() == 0
+
+
+# -- HTTPS -------------------------------------------------------------------------------
+
+
+def _openssl(*args: str) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    _openssl(
+        *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+        *("-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"),
+        *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real self-signed pair for 127.0.0.1, a second key, an encrypted key, junk."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = _self_signed(directory, "relay")
+    _, other_key = _self_signed(directory, "other")
+    encrypted = directory / "encrypted.key"
+    _openssl(
+        *("pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(encrypted))
+    )
+    junk = directory / "junk.pem"
+    junk.write_text("not PEM at all\n")
+    return {"cert": cert, "key": key, "other_key": other_key, "encrypted": encrypted, "junk": junk}
+
+
+def test_tls_context_serves_tls_1_2_or_newer(tls_files: dict[str, Path]) -> None:
+    context = tls_context(
+        ServerConfig(tls_cert_file=tls_files["cert"], tls_key_file=tls_files["key"])
+    )
+    assert context is not None
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert tls_context(ServerConfig()) is None
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "at_fault", "message"),
+    [
+        ("cert", "other_key", "server.tls_key_file", "is not the private key of the certificate"),
+        ("cert", "encrypted", "server.tls_key_file", "holds no unencrypted PEM private key"),
+        ("cert", "junk", "server.tls_key_file", "holds no unencrypted PEM private key"),
+        ("cert", "cert", "server.tls_key_file", "holds no unencrypted PEM private key"),
+        ("junk", "key", "server.tls_cert_file", "holds no PEM certificate"),
+        ("key", "key", "server.tls_cert_file", "holds no PEM certificate"),
+    ],
+    ids=["mismatched-key", "encrypted-key", "junk-key", "cert-as-key", "junk-cert", "key-as-cert"],
+)
+def test_a_bad_tls_pair_is_a_config_error_naming_the_key(
+    tls_files: dict[str, Path], cert: str, key: str, at_fault: str, message: str
+) -> None:
+    server = ServerConfig(tls_cert_file=tls_files[cert], tls_key_file=tls_files[key])
+    with pytest.raises(ConfigError) as caught:
+        tls_context(server)
+    assert caught.value.key == at_fault
+    assert message in caught.value.message
+
+
+async def test_https_webhook_stores_and_delivers(
+    spawn: Callable[..., RelayProcess], cartrack: FakeCartrack, tls_files: dict[str, Path]
+) -> None:
+    cert = tls_files["cert"]
+    relay = spawn(server={"tls_cert_file": cert, "tls_key_file": tls_files["key"]})
+    started = await relay.start()
+    assert started["tls"] is True
+    url = f"https://127.0.0.1:{relay.port}/webhooks/frotcom"
+    # The client verifies the relay's certificate against the test's own CA: a real
+    # handshake, not verification switched off.
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url,
+            json=batch((MAPPED, positions(2))),
+            headers={"Authorization": TOKEN},
+            ssl=client_tls,
+        ) as response,
+    ):
+        assert response.status == 200
+        assert (await response.json())["accepted"] == 2
+    assert len(rows(relay.db_path)) == 2
+    await cartrack.wait_for(lambda f: len(f.accepted) == 2)
+    # Plain HTTP on the TLS port gets no webhook answer.
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(
+                relay.url,
+                json=batch((MAPPED, positions(1, minute=9))),
+                headers={"Authorization": TOKEN},
+            ) as response:
+                await response.read()
+    assert len(rows(relay.db_path)) == 2
+    assert await relay.stop() == 0
+
+
+async def test_mismatched_tls_pair_exits_2_with_one_line_before_the_outbox(
+    spawn: Callable[..., RelayProcess], tls_files: dict[str, Path]
+) -> None:
+    relay = spawn(
+        server={"tls_cert_file": tls_files["cert"], "tls_key_file": tls_files["other_key"]}
+    )
+    relay.spawn()
+    assert await relay.wait() == 2
+    lines = relay.stderr().splitlines()
+    assert lines == [
+        f"config error: server.tls_key_file: {tls_files['other_key']} is not the private key"
+        f" of the certificate in {tls_files['cert']}"
+    ]
+    assert not relay.db_path.exists()
