@@ -153,8 +153,14 @@ def load_config(
     path: str | os.PathLike[str],
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    *,
+    require_api_key: bool = True,
 ) -> Config:
-    """Read and validate the TOML file at ``path``."""
+    """Read and validate the TOML file at ``path``.
+
+    ``require_api_key=False`` is for the admin commands: they only read the outbox, and
+    under systemd the key is a credential only the service can see.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -170,7 +176,9 @@ def load_config(
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
     except RecursionError:
         raise ConfigError("", f"{path} is not valid TOML: nested too deeply") from None
-    config = parse_config(data, env=os.environ if env is None else env, cwd=cwd)
+    config = parse_config(
+        data, env=os.environ if env is None else env, cwd=cwd, require_api_key=require_api_key
+    )
     return replace(config, source=path.resolve())
 
 
@@ -178,6 +186,8 @@ def parse_config(
     data: Mapping[str, Any],
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    *,
+    require_api_key: bool = True,
 ) -> Config:
     env = {} if env is None else env
     cwd = Path.cwd() if cwd is None else cwd
@@ -262,7 +272,7 @@ def parse_config(
         raise ConfigError("cartrack.provider", "must not be empty")
     cartrack_cfg = CartrackConfig(
         url=url,
-        api_key=_api_key(cartrack, env, cwd),
+        api_key=_api_key(cartrack, env, cwd, required=require_api_key),
         region=region,
         provider=provider,
         timeout_seconds=_num(cartrack, "cartrack", "timeout_seconds", 10.0, lo=0.001),
@@ -324,7 +334,16 @@ def parse_vehicles(vehicles: Any) -> Mapping[str, str]:
     return MappingProxyType(result)
 
 
-def _api_key(section: Mapping[str, Any], env: Mapping[str, str], cwd: Path) -> str:
+def _api_key(section: Mapping[str, Any], env: Mapping[str, str], cwd: Path, required: bool) -> str:
+    try:
+        return _find_api_key(section, env, cwd)
+    except ConfigError:
+        if required:
+            raise
+        return ""  # an admin command: the key (a root-only file, a credential) is not its business
+
+
+def _find_api_key(section: Mapping[str, Any], env: Mapping[str, str], cwd: Path) -> str:
     sources = [k for k in ("api_key", "api_key_file") if k in section]
     if len(sources) > 1:
         raise ConfigError("cartrack.api_key_file", "set either api_key or api_key_file, not both")

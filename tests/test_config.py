@@ -518,7 +518,10 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
     data = minimal()
     data["server"] = {"tls_cert_file": "cert.pem", "tls_key_file": str(tmp_path / "key.pem")}
     server = parse_config(data, env={}, cwd=tmp_path).server
-    assert (server.tls_cert_file, server.tls_key_file) == (tmp_path / "cert.pem", tmp_path / "key.pem")
+    assert (server.tls_cert_file, server.tls_key_file) == (
+        tmp_path / "cert.pem",
+        tmp_path / "key.pem",
+    )
 
 
 def test_metrics_listener_is_opt_in(tmp_path: Path) -> None:
@@ -526,3 +529,11 @@ def test_metrics_listener_is_opt_in(tmp_path: Path) -> None:
     config = parse_config(with_("metrics", "port", 9108), env={}, cwd=tmp_path)
     assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9108)
     assert config.redacted()["metrics"] == {"host": "127.0.0.1", "port": 9108}
+
+
+def test_admin_commands_do_not_need_the_api_key(tmp_path: Path) -> None:
+    # Under systemd the key is a credential only the service sees; status/requeue/purge
+    # read the outbox and never talk to Cartrack.
+    data = {**minimal(), "cartrack": {"api_key_file": "/nonexistent/api_key"}}
+    assert parse_config(data, env={}, cwd=tmp_path, require_api_key=False).cartrack.api_key == ""
+    assert error_of(data, tmp_path).startswith("cartrack.api_key_file: cannot read")
