@@ -105,7 +105,56 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=[common], help="run the relay in the foreground")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
 
-    p = sub.add_parser("status", parents=[common], help="what is in the outbox")
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="what is in the outbox",
+        description="Rows by status, the oldest pending position, the vehicles with the"
+        " largest backlog, held vehicles, dead letters by Cartrack status, the newest"
+        " errors and what the daemon recorded. Safe while the daemon runs.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--top",
+        type=_count(1, 10_000),
+        default=10,
+        metavar="N",
+        help="vehicles and errors listed per table (default 10)",
+    )
+
+    p = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="where is my position? one vehicle's rows, or one event",
+        description="The positions of one vehicle, in time order, with their status,"
+        " attempts, next attempt, Cartrack's last answer and sent time, plus the"
+        " vehicle's quarantined input; or one event by its provider_event_id. With"
+        " --from, the first N from that time; else the newest N. Safe while the daemon"
+        " runs.",
+    )
+    p.add_argument("vehicle", nargs="?", metavar="VEHICLE_ID", help="Frotcom VehicleID")
+    p.add_argument(
+        "--event-id",
+        metavar="ID",
+        help="the provider_event_id sent to Cartrack, e.g. frotcom:9876543:2024-05-01T08:00:00.000Z",
+    )
+    p.add_argument(
+        "--from",
+        dest="since",
+        type=_iso_time,
+        metavar="TIME",
+        help="only positions at or after this ISO-8601 time (UTC unless it has an offset)",
+    )
+    p.add_argument(
+        "--to", dest="until", type=_iso_time, metavar="TIME", help="only positions before this time"
+    )
+    p.add_argument(
+        "--limit",
+        type=_count(1, 100_000),
+        default=50,
+        metavar="N",
+        help="at most N positions: the first N from --from, else the newest (default 50)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser(
@@ -270,18 +319,40 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from relay.admin import render_status, status
 
-    report = status(_config(args))
+    report = status(_config(args), top=args.top)
     print(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from relay.admin import inspect_event, inspect_vehicle, render_inspect
+
+    if (args.vehicle is None) == (args.event_id is None):
+        raise CliError("give either VEHICLE_ID or --event-id", EXIT_CONFIG)
+    if args.event_id is not None:
+        if args.since is not None or args.until is not None:
+            raise CliError("--from and --to go with VEHICLE_ID, not --event-id", EXIT_CONFIG)
+        report = inspect_event(_config(args), args.event_id)
+    else:
+        _check_window(args.since, args.until, "--from", "--to")
+        report = inspect_vehicle(
+            _config(args), args.vehicle, since=args.since, until=args.until, limit=args.limit
+        )
+    print(json.dumps(report, indent=2) if args.json else render_inspect(report))
+    return 0
+
+
+def _check_window(since: str | None, until: str | None, lo: str, hi: str) -> None:
+    # Both are normalised by _iso_time, so text order is time order.
+    if since is not None and until is not None and since >= until:
+        raise CliError(f"{lo} ({since}) must be before {hi} ({until})", EXIT_CONFIG)
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
     from relay.admin import requeue
     from relay.forwarder import RESCAN_SECONDS
 
-    # Both are normalised by _iso_time, so text order is time order.
-    if args.since is not None and args.until is not None and args.since >= args.until:
-        raise CliError(f"--since ({args.since}) must be before --until ({args.until})", EXIT_CONFIG)
+    _check_window(args.since, args.until, "--since", "--until")
     result = requeue(
         _config(args),
         vehicles=args.vehicle,
@@ -396,6 +467,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "check-config": cmd_check_config,
     "status": cmd_status,
+    "inspect": cmd_inspect,
     "requeue": cmd_requeue,
     "purge": cmd_purge,
     "demo": cmd_demo,

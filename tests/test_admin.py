@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from conftest import VIN, VIN2, batch, position, post_batch, rows, snapshot, wait_until
 
 from relay import admin
+from relay.admin import changes, common
 from relay.config import Config
 from relay.devtools.fake_cartrack import FakeCartrack
 from relay.mapping import parse_batch
@@ -58,14 +60,14 @@ def ids(db: Path, where: str = "1", params: tuple[Any, ...] = ()) -> list[int]:
 def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every SQL statement the admin commands run, in order."""
     traced: list[str] = []
-    real_connect = admin.connect
+    real_connect = common.connect
 
     def connect(path: Path) -> sqlite3.Connection:
         conn = real_connect(path)
         conn.set_trace_callback(traced.append)
         return conn
 
-    monkeypatch.setattr(admin, "connect", connect)
+    monkeypatch.setattr(common, "connect", connect)
     return traced
 
 
@@ -157,12 +159,20 @@ async def test_status_reports_backlog_held_failed_and_oldest(
     await store(outbox, fleet({A: 3, UNMAPPED: 2}, start_ms=T0 - 60_000), RECEIVED)
     await store(outbox, batch((B, [position(Latitude=91.0), position(ts="nonsense")])), RECEIVED)
     failed = ids(db, "vehicle_id = ?", (A,))
+    outbox.clock = at(RECEIVED + 1_000)
     await outbox.mark_failed(failed[0], 422, "bad event")
+    outbox.clock = at(RECEIVED + 2_000)
     await outbox.mark_failed(failed[1], None, "connection reset")
+    outbox.clock = at(RECEIVED + 3_000)
     await outbox.mark_failed(failed[2], 422, "bad event")
     await outbox.hold_vehicle(UNMAPPED)
+    # Vehicle 7000011's lane is retrying its first row; 7000010's lane is not.
+    retrying = ids(db, "vehicle_id = '7000011'")[0]
+    outbox.clock = at(RECEIVED + 4_000)
+    await outbox.mark_retry(retrying, format_ms(RECEIVED + 64_000), 503, "busy,\n  retry")
     outbox.clock = at(RECEIVED + 5_000)
     await outbox.set_state("last_error", "HTTP 503: down\nfor maintenance")
+    await outbox.set_state("forwarder_note", "paused: HTTP 401")
 
     now = RECEIVED + 90_000
     report = admin.status(config, clock=at(now))
@@ -172,18 +182,56 @@ async def test_status_reports_backlog_held_failed_and_oldest(
     assert report["held_vehicles"] == [{"vehicle_id": UNMAPPED, "count": 2}]
     assert report["held_vehicle_count"] == 1
     assert report["pending_vehicle_count"] == 12
-    assert report["backlog_vehicles"] == [
-        {"vehicle_id": f"70000{i:02d}", "count": i + 1} for i in range(11, 1, -1)
+    assert [(e["vehicle_id"], e["count"]) for e in report["backlog_vehicles"]] == [
+        (f"70000{i:02d}", i + 1) for i in range(11, 1, -1)
+    ]
+    assert report["backlog_vehicles"][:2] == [
+        {
+            "vehicle_id": "7000011",
+            "count": 12,
+            "oldest_event_ts": format_ms(T0),
+            "oldest_age_seconds": (now - T0) / 1000,
+            "attempts": 1,
+            "next_attempt_at": format_ms(RECEIVED + 64_000),
+            "last_status": 503,
+            "last_error": "busy, retry",
+        },
+        {
+            "vehicle_id": "7000010",
+            "count": 11,
+            "oldest_event_ts": format_ms(T0),
+            "oldest_age_seconds": (now - T0) / 1000,
+            "attempts": 0,
+            "next_attempt_at": format_ms(RECEIVED),
+            "last_status": None,
+            "last_error": None,
+        },
     ]
     assert report["failed_by_status"] == [
         {"last_status": 422, "count": 2},
         {"last_status": None, "count": 1},
     ]
+    # Newest first: the retrying lane, then the dead letters.
+    assert [
+        (e["updated_at"], e["vehicle_id"], e["status"], e["last_status"], e["last_error"])
+        for e in report["recent_errors"]
+    ] == [
+        (format_ms(RECEIVED + 4_000), "7000011", "pending", 503, "busy, retry"),
+        (format_ms(RECEIVED + 3_000), A, "failed", 422, "bad event"),
+        (format_ms(RECEIVED + 2_000), A, "failed", None, "connection reset"),
+        (format_ms(RECEIVED + 1_000), A, "failed", 422, "bad event"),
+    ]
+    assert report["recent_errors"][0]["next_attempt_at"] == format_ms(RECEIVED + 64_000)
     assert report["last_error"] == {
         "message": "HTTP 503: down\nfor maintenance",
         "updated_at": format_ms(RECEIVED + 5_000),
     }
+    assert report["relay_state"]["forwarder_note"] == {
+        "value": "paused: HTTP 401",
+        "updated_at": format_ms(RECEIVED + 5_000),
+    }
     # The failed and held rows of T0 - 1 min do not count: only pending ones do.
+    # 7000000 and 7000011 both start at T0: the first stored leads.
     assert report["oldest_pending"] == {
         "vehicle_id": "7000000",
         "event_ts": format_ms(T0),
@@ -199,25 +247,57 @@ async def test_status_reports_backlog_held_failed_and_oldest(
     text = admin.render_status(report)
     assert "backlog (pending): 12 vehicles, top 10" in text
     assert "held (no VIN): 1 vehicle\n" in text
-    assert f"  {UNMAPPED:<20} 2" in text
     assert "add their VINs to [vehicles]" in text
     assert "HTTP 422" in text
     assert "no answer" in text
     # Multi-line errors stay on one line of the report.
     assert "HTTP 503: down for maintenance" in text
-    assert "1h 1m ago" in text  # the oldest position's age
+    assert "forwarder_note" in text
+    assert "paused: HTTP 401" in text
+    lines = text.splitlines()
+    backlog_table = lines[lines.index("backlog (pending): 12 vehicles, top 10") + 1 :][:11]
+    assert backlog_table[0].split() == [
+        "VEHICLE", "PENDING", "OLDEST", "AGE", "ATTEMPTS", "LAST", "ANSWER"
+    ]  # fmt: skip
+    assert backlog_table[1].split() == [
+        "7000011", "12", format_ms(T0), "1h", "1m", "ago", "1", "HTTP", "503:", "busy,", "retry"
+    ]  # fmt: skip
+    assert backlog_table[2].split()[:2] == ["7000010", "11"]
+    assert backlog_table[2].endswith(" -")
+    errors = lines[lines.index("recent errors, newest first") + 1 :][:5]
+    assert errors[1].split()[:4] == [
+        format_ms(RECEIVED + 4_000),
+        "7000011",
+        format_ms(T0),
+        "retrying",
+    ]
+    assert errors[3].split()[3:] == ["failed", "1", "no", "answer:", "connection", "reset"]
     counts = [
         line
-        for line in text.splitlines()
-        if line.startswith("  ") and line.split()[0] in admin.STATUSES
+        for line in lines
+        if line.startswith("  ") and line.split()[0] in (*admin.STATUSES, "quarantine")
     ]
     assert [line.split() for line in counts] == [
         ["pending", "78"],
         ["held", "2"],
         ["sent", "0"],
         ["failed", "3"],
+        ["quarantine", "2"],
     ]
     assert len({len(line) for line in counts}) == 1  # right-aligned
+
+
+async def test_status_top_limits_the_tables(config: Config, outbox: Outbox) -> None:
+    backlog = {f"70000{i:02d}": i + 1 for i in range(5)}
+    await store(outbox, fleet(backlog), RECEIVED, vehicles=dict.fromkeys(backlog, VIN))
+    for row_id in ids(config.outbox.path, "vehicle_id = '7000004'"):
+        await outbox.mark_failed(row_id, 400, "no")
+
+    report = admin.status(config, clock=at(RECEIVED), top=2)
+    assert [e["vehicle_id"] for e in report["backlog_vehicles"]] == ["7000003", "7000002"]
+    assert report["pending_vehicle_count"] == 4
+    assert len(report["recent_errors"]) == 2
+    assert "backlog (pending): 4 vehicles, top 2" in admin.render_status(report)
 
 
 def test_render_status_of_a_future_oldest_position() -> None:
@@ -242,10 +322,12 @@ def test_render_status_of_a_future_oldest_position() -> None:
         },
         "held_vehicles": [],
         "held_vehicle_count": 0,
-        "backlog_vehicles": [{"vehicle_id": "1", "count": 1}],
+        "backlog_vehicles": [],
         "pending_vehicle_count": 1,
         "failed_by_status": [],
+        "recent_errors": [],
         "last_error": None,
+        "relay_state": {},
     }
     text = admin.render_status(report)
     assert "10m 0s in the future" in text
@@ -297,7 +379,7 @@ async def test_requeue_walks_in_chunks_and_passes_filtered_rows(
     await store(outbox, fleet({A: 7, B: 7, UNMAPPED: 4}), RECEIVED)
     for row_id in ids(db):
         await outbox.mark_failed(row_id, 422, "no")
-    monkeypatch.setattr(admin, "CHUNK", 3)
+    monkeypatch.setattr(changes, "CHUNK", 3)
     result = admin.requeue(config, vehicles=[A, UNMAPPED], pause=0)
     assert result == admin.RequeueResult(pending=7, held=4, held_vehicles=(UNMAPPED,))
     assert ids(db, "status = 'failed'") == ids(db, "vehicle_id = ?", (B,))
@@ -342,6 +424,76 @@ def test_parse_time(text: str, normalised: str) -> None:
     assert admin.parse_time(text) == normalised
 
 
+WRITES = ("BEGIN IMMEDIATE", "UPDATE", "DELETE", "INSERT")
+
+
+async def _mixed_outbox(outbox: Outbox, db: Path, seed: int) -> None:
+    """Failed, sent, pending rows of mapped and unmapped vehicles at random times."""
+    rng = random.Random(seed)
+    await store(outbox, fleet({A: 12, B: 12, UNMAPPED: 12}), RECEIVED)
+    await store(outbox, batch((A, [position(Speed=-1)])), RECEIVED - 20 * DAY_MS)
+    every = ids(db)
+    for row_id in every:
+        outbox.clock = at(RECEIVED + rng.randrange(0, 20) * DAY_MS)
+        fate = rng.choice(("failed", "sent", "pending"))
+        if fate == "failed":
+            await outbox.mark_failed(row_id, rng.choice((400, 404, 422)), "no")
+        elif fate == "sent":
+            await outbox.mark_sent([(row_id, 202)])
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_dry_runs_report_exactly_what_the_real_run_changes(
+    config: Config, outbox: Outbox, statements: list[str], seed: int
+) -> None:
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    db = config.outbox.path
+    await _mixed_outbox(outbox, db, seed)
+    for _ in range(6):
+        minute = rng.randrange(0, 12)
+        kwargs: dict[str, Any] = {
+            "vehicles": rng.sample([A, B, UNMAPPED], rng.randrange(0, 3)),
+            "since": rng.choice([None, format_ms(T0 + minute * 60_000)]),
+            "until": rng.choice(
+                [None, format_ms(T0 + (minute + 1 + rng.randrange(0, 6)) * 60_000)]
+            ),
+            "status": rng.choice(["failed", "sent"]),
+        }
+        before = snapshot(db)
+        statements.clear()
+        predicted = admin.requeue(config, dry_run=True, **kwargs)
+        assert snapshot(db) == before
+        assert not [sql for sql in statements if sql.startswith(WRITES)], statements
+        # Which rows would move, by the same filter written out plainly.
+        status = kwargs["status"]
+        moved = [
+            r
+            for r in rows(db, "status = ?", (status,))
+            if (not kwargs["vehicles"] or r["vehicle_id"] in kwargs["vehicles"])
+            and (kwargs["since"] is None or r["event_ts"] >= kwargs["since"])
+            and (kwargs["until"] is None or r["event_ts"] < kwargs["until"])
+        ]
+        actual = admin.requeue(config, pause=0, **kwargs)
+        assert predicted.pending == actual.pending == sum(r["vehicle_id"] in MAPPED for r in moved)
+        assert predicted.held == actual.held == sum(r["vehicle_id"] == UNMAPPED for r in moved)
+        assert set(predicted.held_vehicles) == set(actual.held_vehicles)
+        after = snapshot(db)
+        changed = {old[0] for old, new in zip(before, after, strict=True) if old != new}
+        assert changed == {r["id"] for r in moved}
+
+    for days in (0, 3, 10, 30):
+        now = RECEIVED + 21 * DAY_MS
+        before = snapshot(db)
+        statements.clear()
+        predicted = admin.purge(config, days, quarantine=True, dry_run=True, clock=at(now))
+        assert snapshot(db) == before
+        assert not [sql for sql in statements if sql.startswith(WRITES)], statements
+        actual = admin.purge(config, days, quarantine=True, clock=at(now), pause=0)
+        assert predicted == actual
+        assert len(before) - len(snapshot(db)) == actual["sent"] + actual["quarantine"]
+
+
 # -- purge -----------------------------------------------------------------------------
 
 
@@ -361,7 +513,7 @@ async def test_purge_deletes_only_old_sent_rows_and_old_quarantine(
     await outbox.mark_failed(every[4], 422, "no")
     await outbox.hold_vehicle(A)  # every[5:] held
     await store(outbox, fleet({B: 1}), now - 20 * DAY_MS)  # pending, very old
-    monkeypatch.setattr(admin, "CHUNK", 2)
+    monkeypatch.setattr(changes, "CHUNK", 2)
 
     before = snapshot(db)
     assert admin.purge(config, 7, quarantine=True, dry_run=True, clock=at(now)) == {
@@ -442,13 +594,18 @@ async def test_no_query_scans_the_positions_table(
     admin.purge(config, 1, quarantine=True, dry_run=True)
     admin.purge(config, 1, quarantine=True, pause=0)
     admin.purge(config, 0, pause=0)
+    admin.inspect_vehicle(config, "8000001")
+    admin.inspect_vehicle(
+        config, "8000001", since="2023-10-25T16:10:00Z", until="2023-10-25T17:00Z"
+    )
+    admin.inspect_event(config, "frotcom:8000001:2023-10-25T16:10:00.000Z")
 
     conn = sqlite3.connect(db)
-    checked = 0
-    for sql in dict.fromkeys(statements):
+    checked = set()
+    for sql in dict.fromkeys(s.strip() for s in statements):
         if "positions" not in sql or not sql.startswith(("SELECT", "UPDATE", "DELETE")):
             continue
-        checked += 1
+        checked.add(sql.split(" WHERE ")[0])
         plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
         if sql == "SELECT status, count(*) FROM positions GROUP BY status":
             assert plan == ["SCAN positions USING COVERING INDEX positions_status_updated"]
@@ -457,6 +614,8 @@ async def test_no_query_scans_the_positions_table(
             if step.startswith("SCAN positions"):
                 assert step.endswith(ALLOWED_SCANS), (sql, plan)
             else:
-                assert not step.startswith("SCAN"), (sql, plan)
+                # b: the per-vehicle aggregate of the status report, one row per vehicle.
+                assert step == "SCAN b" or not step.startswith("SCAN"), (sql, plan)
     conn.close()
-    assert checked >= 12
+    # Every kind of statement the commands run on positions was checked (14 today).
+    assert len(checked) >= 14, "\n".join(sorted(checked))

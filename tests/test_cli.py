@@ -223,6 +223,20 @@ PROCESS_CASES = [
         id="status-no-outbox",
     ),
     pytest.param(
+        write_config,
+        ["inspect", "--config", "config.toml", "--event-id", "frotcom:1:x"],
+        3,
+        "outbox error: {dir}/outbox.sqlite3: no outbox here",
+        id="inspect-no-outbox",
+    ),
+    pytest.param(
+        lambda d: None,
+        ["inspect", "--from", "soon", "1"],
+        2,
+        "cartrack-relay inspect: error: argument --from: 'soon' is not an ISO-8601 time",
+        id="inspect-usage",
+    ),
+    pytest.param(
         _setup_corrupt,
         ["status", "--config", "config.toml"],
         3,
@@ -283,12 +297,57 @@ def test_status_json(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (oldest["vehicle_id"], oldest["event_ts"]) == (A, "2023-10-25T16:03:00.000Z")
     assert 9.9 * DAY < oldest["waiting_seconds"] < 10.1 * DAY
     assert oldest["age_seconds"] > 365 * DAY
-    assert report["backlog_vehicles"] == [{"vehicle_id": A, "count": 1}]
+    (lane,) = report["backlog_vehicles"]
+    assert (lane["vehicle_id"], lane["count"], lane["oldest_event_ts"]) == (
+        A,
+        1,
+        oldest["event_ts"],
+    )
+    assert (lane["attempts"], lane["last_status"], lane["last_error"]) == (0, None, None)
     assert report["held_vehicles"] == []
     assert report["last_error"]["message"] == "HTTP 422: bad"
+    # All five dead letters (marked at one instant; test_admin checks the order).
+    assert sorted(
+        (e["vehicle_id"], e["event_ts"][11:16], e["status"], e["last_status"])
+        for e in report["recent_errors"]
+    ) == [
+        (B, "16:00", "failed", 422),
+        (GONE, "16:00", "failed", 500),
+        (GONE, "16:01", "failed", 422),
+        (A, "16:00", "failed", 422),
+        (A, "16:01", "failed", 404),
+    ]
+    assert list(report["relay_state"]) == ["last_error"]
     assert report["schema_version"] == 1
     assert report["path"] == str(seeded)
     assert report["size_bytes"] == seeded.stat().st_size
+
+
+# The keys `status --json` promises (README "Commands"); adding one is fine, renaming not.
+STATUS_KEYS = {
+    "generated_at", "schema_version", "path", "size_bytes", "wal_bytes", "counts",
+    "quarantine", "oldest_pending", "backlog_vehicles", "pending_vehicle_count",
+    "held_vehicles", "held_vehicle_count", "failed_by_status", "recent_errors",
+    "last_error", "relay_state",
+}  # fmt: skip
+BACKLOG_KEYS = {
+    "vehicle_id", "count", "oldest_event_ts", "oldest_age_seconds", "attempts",
+    "next_attempt_at", "last_status", "last_error",
+}  # fmt: skip
+ERROR_KEYS = {
+    "vehicle_id", "event_ts", "status", "attempts", "next_attempt_at", "updated_at",
+    "last_status", "last_error",
+}  # fmt: skip
+
+
+def test_status_json_keys_are_stable(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "status", "--json", "--top", "3", "--config", "config.toml")
+    assert code == 0
+    report = json.loads(out)
+    assert set(report) == STATUS_KEYS
+    assert [set(e) for e in report["backlog_vehicles"]] == [BACKLOG_KEYS]
+    assert [set(e) for e in report["recent_errors"]] == [ERROR_KEYS] * 3
+    assert set(report["relay_state"]["last_error"]) == {"value", "updated_at"}
 
 
 def test_status_text(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -525,7 +584,8 @@ def _newer(db: Path) -> None:
     ids=["garbage", "bad-header", "foreign", "newer", "directory", "empty"],
 )
 @pytest.mark.parametrize(
-    "command", [["status"], ["status", "--json"], ["requeue"], ["purge", "--quarantine"]]
+    "command",
+    [["status"], ["status", "--json"], ["inspect", A], ["requeue"], ["purge", "--quarantine"]],
 )
 def test_unusable_outbox_exit_3_and_file_untouched(
     tmp_path: Path,
@@ -591,6 +651,10 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["requeue", "--help"]) == 0
     help_text = capsys.readouterr().out
     for option in ("--vehicle", "--since", "--until", "--status", "--dry-run"):
+        assert option in help_text
+    assert main(["inspect", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    for option in ("VEHICLE_ID", "--event-id", "--from", "--to", "--limit", "--json"):
         assert option in help_text
 
 
