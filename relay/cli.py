@@ -302,6 +302,12 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(Path(args.config))
 
 
+def _admin_config(args: argparse.Namespace) -> Config:
+    # Reading and editing the outbox needs no Cartrack key; under systemd the key is a
+    # credential that only the service can read.
+    return load_config(Path(args.config), require_api_key=False)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.serve import serve
 
@@ -310,7 +316,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from relay.serve import tls_context
+
     config = _config(args)
+    tls_context(config.server)  # a bad certificate/key pair is caught here, not at start
     print(f"config ok: {config.source}")
     print(json.dumps(config.redacted(), indent=2, default=str))
     return 0
@@ -319,7 +328,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from relay.admin import render_status, status
 
-    report = status(_config(args), top=args.top)
+    report = status(_admin_config(args), top=args.top)
     print(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0
 
@@ -332,11 +341,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.event_id is not None:
         if args.since is not None or args.until is not None:
             raise CliError("--from and --to go with VEHICLE_ID, not --event-id", EXIT_CONFIG)
-        report = inspect_event(_config(args), args.event_id)
+        report = inspect_event(_admin_config(args), args.event_id)
     else:
         _check_window(args.since, args.until, "--from", "--to")
         report = inspect_vehicle(
-            _config(args), args.vehicle, since=args.since, until=args.until, limit=args.limit
+            _admin_config(args), args.vehicle, since=args.since, until=args.until, limit=args.limit
         )
     print(json.dumps(report, indent=2) if args.json else render_inspect(report))
     return 0
@@ -354,7 +363,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
     _check_window(args.since, args.until, "--since", "--until")
     result = requeue(
-        _config(args),
+        _admin_config(args),
         vehicles=args.vehicle,
         since=args.since,
         until=args.until,
@@ -382,7 +391,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     from relay.admin import purge
 
-    config = _config(args)
+    config = _admin_config(args)
     days = config.outbox.keep_sent_days if args.older_than_days is None else args.older_than_days
     result = purge(config, days, quarantine=args.quarantine, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"

@@ -270,6 +270,20 @@ def test_check_config_in_a_real_process(tmp_path: Path) -> None:
     assert TOKEN not in result.stdout
 
 
+def test_admin_commands_run_without_the_api_key(
+    seeded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The service's key is a systemd credential the operator's shell cannot read.
+    config = seeded.parent / "config.toml"
+    config.write_text(config.read_text().replace(f'api_key = "{API_KEY}"', ""))
+    for command in (["status"], ["inspect", A], ["requeue", "--dry-run"], ["purge", "--dry-run"]):
+        code, _, err = cli(capsys, *command, "--config", str(config))
+        assert (command, code, err) == (command, 0, "")
+    code, _, err = cli(capsys, "check-config", "--config", str(config))
+    assert code == 2
+    assert err.startswith("config error: cartrack.api_key: is required")
+
+
 def test_status_into_a_closed_pipe_is_quiet(seeded: Path) -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
