@@ -1,7 +1,8 @@
 """``create_app(config)``: the one place that builds the relay, for ``serve`` and tests.
 
-Lifecycle is a chain of ``cleanup_ctx`` generators: open the outbox, start the
-forwarder, start maintenance; they unwind in reverse, so the outbox closes last.
+Lifecycle is a chain of ``cleanup_ctx`` generators: (the monitoring listener, when
+``[metrics] port`` is set,) open the outbox, start the forwarder, start maintenance;
+they unwind in reverse, so the outbox closes last.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from aiohttp import web
 from relay.cartrack import CartrackClient
 from relay.config import Config
 from relay.forwarder import RESCAN_SECONDS, Forwarder
+from relay.health import probe_listener, probe_routes
 from relay.outbox.storage import Outbox
 from relay.state import OUTBOX, STATE, RelayState
 from relay.timeutil import Clock, format_epoch, system_clock
-from relay.web import add_routes, json_errors
+from relay.web import add_routes, json_errors, request_context
 
 log = structlog.get_logger("relay.app")
 
 PURGE_INTERVAL_SECONDS = 3600.0
+# How often summaries of repeated delivery failures are written (their window is 60 s).
+SUMMARY_INTERVAL_SECONDS = 10.0
 
 
 def create_app(
@@ -39,15 +43,21 @@ def create_app(
     # The body limit is enforced by the handler with a JSON 413; aiohttp's own limit
     # only has to stay out of its way.
     app = web.Application(
-        client_max_size=config.server.max_body_bytes + 1, middlewares=[json_errors]
+        client_max_size=config.server.max_body_bytes + 1,
+        middlewares=[request_context, json_errors],
     )
-    app[STATE] = RelayState(
+    state = app[STATE] = RelayState(
         config=config,
         clock=clock,
         vehicles=config.vehicles,
         tokens=tuple(t.encode() for t in config.frotcom.tokens),
     )
+    state.metrics.paused = lambda: state.forwarder is not None and state.forwarder.pause is not None
     add_routes(app, config.server.path)
+    if config.metrics.port is None:
+        app.add_routes(probe_routes(app))
+    else:
+        app.cleanup_ctx.append(probe_listener)
 
     async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
         outbox = await Outbox.open(config.outbox.path, clock, config.outbox.min_free_bytes)
@@ -75,6 +85,7 @@ def create_app(
                 config.cartrack.api_key,
                 config.cartrack.timeout_seconds,
                 clock=clock,
+                on_response=state.metrics.cartrack_response,
             )
             forwarder = Forwarder(
                 outbox,
@@ -85,18 +96,23 @@ def create_app(
                 clock=clock,
                 rand=rand,
                 rescan_seconds=rescan_seconds,
+                metrics=state.metrics,
             )
             state.forwarder = forwarder
             state.forwarder_task = supervise(app, forwarder.run(), "forwarder")
+            summaries = supervise(app, summary_loop(forwarder), "failure-summaries")
             try:
                 yield
             finally:
                 await forwarder.stop()
+                summaries.cancel()
+                await asyncio.gather(summaries, return_exceptions=True)
                 timeout = config.server.shutdown_timeout_seconds
                 if state.stopping_since is not None:
                     elapsed = asyncio.get_running_loop().time() - state.stopping_since
                     timeout = max(0.0, timeout - elapsed)
                 await _bounded(state.forwarder_task, timeout)
+                forwarder.failures.flush(force=True)  # no count of repeats goes unsaid
                 log.info("forwarder_stopped", **dict(forwarder.stats))
 
     async def maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -181,6 +197,12 @@ async def purge_loop(app: web.Application) -> None:
             if deleted:
                 log.info("sent_purged", rows=deleted, before=cutoff)
         await asyncio.sleep(interval)
+
+
+async def summary_loop(forwarder: Forwarder) -> None:
+    while True:
+        await asyncio.sleep(SUMMARY_INTERVAL_SECONDS)
+        forwarder.failures.flush()
 
 
 async def reload_vehicles(app: web.Application, vehicles: Mapping[str, str]) -> dict[str, int]:

@@ -84,6 +84,15 @@ class Outcome:
     detail: str
     retry_after: float | None
     elapsed: float
+    # Why there is no status: "timeout" or "connection_error" (None when answered).
+    failure: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The status as a metric label and log field: "503", "timeout", "connection_error"."""
+        if self.status is not None:
+            return str(self.status)
+        return self.failure or "no_response"
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -165,14 +174,23 @@ class CartrackClient:
         api_key: str,
         timeout: float,
         clock: Callable[[], float] = time.time,
+        on_response: Callable[[str, float], None] | None = None,
     ) -> None:
         self._session = session
         self._url = url
         self._api_key = api_key
         self._timeout = timeout
         self._clock = clock
+        # Told of every request's outcome label and duration (metrics).
+        self._on_response = on_response
 
     async def send(self, body: bytes) -> Outcome:
+        outcome = await self._send(body)
+        if self._on_response is not None:
+            self._on_response(outcome.label, outcome.elapsed)
+        return outcome
+
+    async def _send(self, body: bytes) -> Outcome:
         headers = {"Content-Type": "application/json", "X-API-KEY": self._api_key}
         started = time.monotonic()
         try:
@@ -197,9 +215,11 @@ class CartrackClient:
         except TimeoutError:
             # Checked before OSError/ClientError: TimeoutError is an OSError, and
             # aiohttp's own timeout errors subclass both.
-            return self._network_failure(f"timeout after {self._timeout:g}s", started)
+            return self._network_failure("timeout", f"timeout after {self._timeout:g}s", started)
         except (aiohttp.ClientError, OSError) as exc:
-            return self._network_failure(f"connection error: {type(exc).__name__}: {exc}", started)
+            return self._network_failure(
+                "connection_error", f"connection error: {type(exc).__name__}: {exc}", started
+            )
         return Outcome(
             verdict=classify(status),
             status=status,
@@ -231,13 +251,14 @@ class CartrackClient:
             return text[: DETAIL_LIMIT - len(note)] + note
         return text[:DETAIL_LIMIT]
 
-    def _network_failure(self, description: str, started: float) -> Outcome:
+    def _network_failure(self, failure: str, description: str, started: float) -> Outcome:
         return Outcome(
             verdict=Verdict.TRANSIENT,
             status=None,
             detail=self._redact(description)[:DETAIL_LIMIT],
             retry_after=None,
             elapsed=time.monotonic() - started,
+            failure=failure,
         )
 
     def _redact(self, text: str) -> str:

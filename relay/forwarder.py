@@ -29,12 +29,16 @@ import structlog
 from relay.cartrack import CartrackClient, Outcome, Verdict, backoff_delay, retry_delay
 from relay.config import RetryConfig
 from relay.mapping import with_vin
+from relay.metrics import RelayMetrics
 from relay.outbox.storage import Outbox, OutboxRow
+from relay.repeats import RepeatLog, RepeatSummariser
 from relay.timeutil import Clock, format_ms, parse_timestamp, system_clock
 
 log = structlog.get_logger("relay.forwarder")
 
-LANE_BATCH = 100
+# Rows a lane reads at once: every lane holds its batch while it waits for a request
+# slot, so this times the number of vehicles with a backlog bounds the memory.
+LANE_BATCH = 20
 RESCAN_SECONDS = 5.0
 # Timers may fire a hair early: re-check, but boundedly (a frozen test clock must not spin).
 _DUE_CHECKS = 3
@@ -65,6 +69,7 @@ class Forwarder:
         clock: Clock = system_clock,
         rand: Callable[[], float] = random.random,
         rescan_seconds: float = RESCAN_SECONDS,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         self.outbox = outbox
         self.client = client
@@ -74,6 +79,10 @@ class Forwarder:
         self.rand = rand
         self.rescan_seconds = rescan_seconds
         self.stats: Counter[str] = Counter()
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+        # An outage fails every row alike: first line in full, then a periodic summary
+        # (flushed by the app's summary task and at stop).
+        self.failures = RepeatLog(log, "delivery_failures_summary", RepeatSummariser(clock=clock))
         self.pause: PauseState | None = None
         self._slots = asyncio.Semaphore(concurrency)
         self._probe_lock = asyncio.Lock()
@@ -192,11 +201,13 @@ class Forwarder:
         self._wake.set()
 
     async def _lane(self, vehicle_id: str) -> None:
+        delivered: list[int] = []  # this lane's rows that may still read as pending
         while not self._stopping.is_set():
             self._dirty.discard(vehicle_id)
-            rows = await self.outbox.next_rows(vehicle_id, LANE_BATCH + len(self._unacked))
-            # Delivered rows whose ack is not flushed yet still read as pending.
-            rows = [row for row in rows if row.id not in self._unacked][:LANE_BATCH]
+            # Delivered rows whose ack is not flushed yet still read as pending: skip
+            # this lane's own (only its own: other vehicles' acks cost it nothing).
+            delivered = [row_id for row_id in delivered if row_id in self._unacked]
+            rows = await self._next_rows(vehicle_id, LANE_BATCH + len(delivered))
             if not rows:
                 if vehicle_id in self._dirty:
                     continue
@@ -208,10 +219,22 @@ class Forwarder:
                 if done is _Done.UNMAPPED:
                     await self._hold(vehicle_id)
                     return
+                delivered.append(row.id)
                 if vehicle_id in self._dirty:
                     # Rows committed meanwhile may be older than the rest of this batch
                     # (Frotcom's batches overlap): read again so they go first.
                     break
+
+    async def _next_rows(self, vehicle_id: str, limit: int) -> list[OutboxRow]:
+        """Up to LANE_BATCH of the vehicle's pending rows that are not delivered already."""
+        while True:
+            fetched = await self.outbox.next_rows(vehicle_id, limit)
+            rows = [row for row in fetched if row.id not in self._unacked][:LANE_BATCH]
+            if rows or len(fetched) < limit:
+                return rows
+            # A full read of delivered rows (an earlier lane's, not flushed yet): the
+            # vehicle's undelivered rows come after them.
+            limit *= 2
 
     async def _hold(self, vehicle_id: str) -> None:
         # Rows already delivered must end 'sent', not 'held' (then re-sent on release).
@@ -248,22 +271,17 @@ class Forwarder:
             attempts += 1
             if outcome.verdict is Verdict.SENT:
                 self.stats["sent"] += 1
+                self.metrics.event_sent()
                 self._acks.append((row.id, outcome.status))
                 self._unacked.add(row.id)
                 self._ack_ready.set()
                 return _Done.DELIVERED
             if outcome.verdict is Verdict.REJECTED:
                 self.stats["failed"] += 1
+                self.metrics.event_failed(outcome.label)
                 await self.outbox.mark_failed(row.id, outcome.status, outcome.detail)
-                log.error(
-                    "event_rejected",
-                    row_id=row.id,
-                    vehicle_id=row.vehicle_id,
-                    event_ts=row.event_ts,
-                    status=outcome.status,
-                    detail=outcome.detail[:200],
-                    attempts=attempts,
-                )
+                # The dead-letter line: delivery_failed's fields, with no next attempt.
+                self._log_failure("error", "event_rejected", row, outcome, attempts, None, None)
                 await self.outbox.set_state("last_error", _describe(outcome))
                 return _Done.DELIVERED
             if outcome.verdict is Verdict.AUTH and self.pause is not None:
@@ -280,18 +298,39 @@ class Forwarder:
             due_ms = math.ceil((self.clock() + wait) * 1000)
             due = due_ms / 1000
             self.stats["retried"] += 1
+            self.metrics.event_retried(outcome.label)
             await self.outbox.mark_retry(row.id, format_ms(due_ms), outcome.status, outcome.detail)
             await self.outbox.set_state("last_error", _describe(outcome))
-            log.warning(
-                "delivery_failed",
-                row_id=row.id,
-                vehicle_id=row.vehicle_id,
-                verdict=str(outcome.verdict),
-                status=outcome.status,
-                detail=outcome.detail[:200],
-                attempts=attempts,
-                retry_in=round(wait, 3),
+            self._log_failure(
+                "warning", "delivery_failed", row, outcome, attempts, format_ms(due_ms), wait
             )
+
+    def _log_failure(
+        self,
+        level: str,
+        event: str,
+        row: OutboxRow,
+        outcome: Outcome,
+        attempt: int,
+        next_attempt_at: str | None,
+        retry_in: float | None,
+    ) -> None:
+        """The one line per failed attempt; repeats of the same answer are summarised."""
+        self.failures.log(
+            level,
+            event,
+            ("status", "reason", "detail"),
+            row_id=row.id,
+            vehicle_id=row.vehicle_id,
+            event_ts=row.event_ts,
+            verdict=str(outcome.verdict),
+            status=outcome.status,
+            reason=outcome.label,
+            detail=outcome.detail[:200],
+            attempt=attempt,
+            next_attempt_at=next_attempt_at,
+            retry_in=None if retry_in is None else round(retry_in, 3),
+        )
 
     async def _send(self, body: bytes) -> Outcome | None:
         """One request (or one probe while paused); None when stopping before it went out."""
@@ -325,6 +364,7 @@ class Forwarder:
                 if outcome.verdict in (Verdict.SENT, Verdict.REJECTED):
                     log.info(
                         "forwarder_resumed",
+                        reason=f"a probe was answered HTTP {outcome.status}",
                         paused_for=round(self.clock() - pause.since, 3),
                         probes=pause.probes + 1,
                     )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from relay.config import Config
+from relay.metrics import RelayMetrics
 from relay.timeutil import Clock
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ class RelayState:
     vehicles: Mapping[str, str]
     tokens: tuple[bytes, ...]
     stats: Counter[str] = field(default_factory=Counter)
+    # Per app, never the global registry: several apps may run in one (test) process.
+    metrics: RelayMetrics = field(default_factory=RelayMetrics)
     forwarder: Forwarder | None = None
     forwarder_task: asyncio.Task[None] | None = None
     # Resolved with the exception of the first supervised task that dies; `serve`
@@ -33,6 +36,8 @@ class RelayState:
     # loop.time() when shutdown began: the forwarder's bound counts from here, so it
     # runs alongside the HTTP drain instead of after it.
     stopping_since: float | None = None
+    # The bound port of the separate /metrics listener, when [metrics] port is set.
+    metrics_port: int | None = None
 
 
 STATE = web.AppKey("state", RelayState)

@@ -1,16 +1,26 @@
-"""HTTP side: the Frotcom webhook and small health endpoint, plus JSON error answers.
+"""HTTP side: the Frotcom webhook, JSON error answers, and one log line per request.
 
 The webhook answers 200 only after every position of the request is committed to the
 outbox (as a row or in quarantine). Any storage failure is a 500 with nothing
 acknowledged, so Frotcom sends the batch again.
+
+Every webhook request leaves exactly one ``webhook_request`` line (status, counts, bytes,
+duration, and the error if any) and carries a request id: the caller's ``X-Request-ID``
+when it is sane, else a new one, bound into every log line of the request and returned
+in the ``X-Request-ID`` response header.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hmac
+import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,6 +36,95 @@ log = structlog.get_logger("relay.web")
 INTERNAL_ERROR = "Internal server error"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# What a caller's id may look like (UUIDs, proxies' hex ids); anything else is replaced
+# rather than echoed into our logs and headers.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+@dataclass(slots=True)
+class WebhookLine:
+    """The fields of one request's ``webhook_request`` line, filled in by the handler."""
+
+    positions: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    held: int = 0
+    vehicles: int = 0
+    bytes: int | None = None
+    error: str | None = None
+
+
+_line: contextvars.ContextVar[WebhookLine] = contextvars.ContextVar("webhook_line")
+
+
+def request_id(offered: str | None) -> str:
+    if offered is not None and _SANE_REQUEST_ID.fullmatch(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id for every request; the canonical line and metrics for the webhook's."""
+    state = request.app[STATE]
+    rid = request_id(request.headers.get(REQUEST_ID_HEADER))
+    if request.path != state.config.server.path:
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            response = await handler(request)
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+    line = WebhookLine(bytes=request.content_length)
+    token = _line.set(line)
+    started = time.perf_counter()
+    status: int | None = None
+    try:
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            response = await handler(request)
+        status = response.status
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+    except web.HTTPException as exc:  # only below 400: json_errors answers the rest
+        status = exc.status
+        exc.headers[REQUEST_ID_HEADER] = rid
+        raise
+    except (ConnectionError, asyncio.CancelledError) as exc:
+        line.error = line.error or f"client went away: {type(exc).__name__}"
+        raise
+    finally:
+        _line.reset(token)
+        duration = time.perf_counter() - started
+        state.metrics.webhook_answered("disconnected" if status is None else str(status), duration)
+        _log_request(rid, request, status, line, duration)
+
+
+def _log_request(
+    rid: str, request: web.Request, status: int | None, line: WebhookLine, duration: float
+) -> None:
+    fields: dict[str, Any] = {
+        "request_id": rid,
+        "method": request.method,
+        "status": status,
+        "positions": line.positions,
+        "accepted": line.accepted,
+        "duplicates": line.duplicates,
+        "quarantined": line.quarantined,
+        "held": line.held,
+        "vehicles": line.vehicles,
+        "bytes": line.bytes,
+        "duration_ms": round(duration * 1000, 2),
+        "remote": request.remote,
+    }
+    if line.error is not None:
+        fields["error"] = line.error
+    if status is not None and status >= 500:
+        log.error("webhook_request", **fields)
+    elif status is None or status >= 400:
+        log.warning("webhook_request", **fields)
+    else:
+        log.info("webhook_request", **fields)
 
 
 def error(status: int, message: str, detail: str | None = None) -> web.Response:
@@ -43,6 +142,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        _note_error(exc.reason)
         response = error(
             exc.status, exc.reason, exc.text if exc.text != f"{exc.status}: {exc.reason}" else None
         )
@@ -55,7 +155,14 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         # A bug, not bad input. A 500 makes Frotcom resend, which the outbox absorbs
         # even if the batch was already committed; the answer is still the documented JSON.
         log.exception("request_failed", method=request.method, path=request.path)
+        _note_error("unexpected error (see request_failed)")
         return error(500, INTERNAL_ERROR)
+
+
+def _note_error(text: str) -> None:
+    line = _line.get(None)
+    if line is not None and line.error is None:
+        line.error = text
 
 
 def token_ok(header: str | None, tokens: tuple[bytes, ...]) -> bool:
@@ -87,45 +194,51 @@ async def read_limited(request: web.Request, limit: int) -> bytes | None:
 async def ingest(request: web.Request) -> web.Response:
     state = request.app[STATE]
     config = state.config
-    started = time.perf_counter()
+    line = _line.get(None) or WebhookLine()
     if not token_ok(request.headers.get("Authorization"), state.tokens):
-        log.warning("webhook_unauthorized", remote=request.remote)
-        return error(401, "unauthorized", "missing or unknown Authorization token")
+        line.error = "missing or unknown Authorization token"
+        return error(401, "unauthorized", line.error)
     body = await read_limited(request, config.server.max_body_bytes)
     if body is None:
-        log.warning("webhook_too_large", limit=config.server.max_body_bytes)
-        return error(413, "payload too large", f"body exceeds {config.server.max_body_bytes} bytes")
+        line.error = f"body exceeds {config.server.max_body_bytes} bytes"
+        return error(413, "payload too large", line.error)
+    line.bytes = len(body)
     received_ms = int(state.clock() * 1000)
     try:
         batch = parse_batch(
             decode_body(body), received_ms, int(config.frotcom.max_future_seconds * 1000)
         )
     except BadRequest as exc:
-        log.warning("webhook_bad_request", detail=str(exc), bytes=len(body))
+        line.error = str(exc)
         return error(400, "bad request", str(exc))
-    state.stats["received"] += len(batch.positions) + len(batch.rejected)
+    line.positions = len(batch.positions) + len(batch.rejected)
+    line.vehicles = len({p.vehicle_id for p in batch.positions})
+    state.stats["received"] += line.positions
+    state.metrics.batch_parsed(line.positions)
     try:
         result = await request.app[OUTBOX].store_batch(
             batch, state.vehicles, config.cartrack.provider, received_ms
         )
     except LowDiskSpace as exc:
         state.stats["store_errors"] += 1
-        log.error("outbox_low_space", free_bytes=exc.free, min_free_bytes=exc.minimum)
+        state.metrics.store_failed()
+        line.error = f"outbox low on disk space: {exc.strerror}"
         # 500, not 507: Frotcom retries 5xx, and the batch is welcome once space returns.
         return error(500, "outbox full", "the relay's disk is nearly full; retry later")
     except (sqlite3.Error, OSError) as exc:
         state.stats["store_errors"] += 1
-        log.error(
-            "batch_store_failed",
-            error=f"{type(exc).__name__}: {exc}",
-            positions=len(batch.positions),
-            quarantined=len(batch.rejected),
-        )
+        state.metrics.store_failed()
+        line.error = f"outbox store failed: {type(exc).__name__}: {exc}"
         return error(500, INTERNAL_ERROR)
     state.stats["stored"] += result.accepted
     state.stats["duplicates"] += result.duplicates
     state.stats["quarantined"] += result.quarantined
     state.stats["held"] += result.held
+    state.metrics.batch_stored(result)
+    line.accepted = result.accepted
+    line.duplicates = result.duplicates
+    line.quarantined = result.quarantined
+    line.held = result.held
     if state.forwarder is not None and result.vehicles:
         state.forwarder.notify(result.vehicles)
     counts = {
@@ -134,32 +247,8 @@ async def ingest(request: web.Request) -> web.Response:
         "held": result.held,
         "quarantined": result.quarantined,
     }
-    log.info(
-        "batch_stored",
-        **counts,
-        vehicles=len({p.vehicle_id for p in batch.positions}),
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
-    )
     return web.json_response({"status": "success", **counts})
-
-
-async def healthz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    forwarder = state.forwarder
-    running = (
-        forwarder is not None
-        and state.forwarder_task is not None
-        and not state.forwarder_task.done()
-    )
-    body = {
-        "status": "ok" if running else "degraded",
-        "forwarder": "paused"
-        if forwarder and forwarder.pause
-        else ("running" if running else "stopped"),
-    }
-    return web.json_response(body, status=200 if running else 503)
 
 
 def add_routes(app: web.Application, path: str) -> None:
     app.router.add_post(path, ingest)
-    app.router.add_get("/healthz", healthz)

@@ -738,3 +738,64 @@ async def test_shutdown_bound_cancels_a_hung_request(
     assert timeout["task"] == "forwarder"
     assert status_of(db_path)[pid(A, 1)] == "sent"
     assert status_of(db_path)[pid(B, 1)] == "pending"
+
+
+# -- canonical log lines -------------------------------------------------------------------
+
+
+async def test_failure_lines_carry_the_canonical_fields(
+    start: Start, cartrack: FakeCartrack, db_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    cartrack.script(Response(503, body="busy"), Response(422, body="bad chassis"))
+    client = await start()
+    await post_ok(client, (A, positions(1)))
+    # The line follows the row's commit: wait for the line.
+    await wait_until(lambda: bool(events_named(logs, "event_rejected")))
+    [row] = rows(db_path)
+    assert row["status"] == "failed"
+
+    [retry] = events_named(logs, "delivery_failed")
+    assert retry["next_attempt_at"] > retry["event_ts"]
+    del retry["next_attempt_at"], retry["retry_in"]
+    assert retry == {
+        "event": "delivery_failed",
+        "log_level": "warning",
+        "row_id": row["id"],
+        "vehicle_id": A,
+        "event_ts": ts(1),
+        "verdict": "transient",
+        "status": 503,
+        "reason": "503",
+        "detail": "busy",
+        "attempt": 1,
+    }
+    [dead] = events_named(logs, "event_rejected")
+    assert dead == {
+        "event": "event_rejected",
+        "log_level": "error",
+        "row_id": row["id"],
+        "vehicle_id": A,
+        "event_ts": ts(1),
+        "verdict": "rejected",
+        "status": 422,
+        "reason": "422",
+        "detail": "bad chassis",
+        "attempt": 2,
+        "next_attempt_at": None,
+        "retry_in": None,
+    }
+
+
+async def test_pause_and_resume_are_one_line_each_with_a_reason(
+    start: Start, cartrack: FakeCartrack, db_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    cartrack.script(Response(403))
+    client = await start()
+    await post_ok(client, (A, positions(1)))
+    await wait_until(all_sent(db_path, 1))
+
+    [paused] = events_named(logs, "forwarder_paused")
+    assert (paused["reason"], paused["status"]) == ("cartrack refused the API key", 403)
+    [resumed] = events_named(logs, "forwarder_resumed")
+    assert resumed["reason"] == "a probe was answered HTTP 202"
+    assert resumed["probes"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from conftest import TOKEN, VIN, batch, position, post_batch, rows
 from structlog.testing import capture_logs
 
+from relay import web as web_module
 from relay.app import create_app
 from relay.config import Config
 from relay.devtools.fake_cartrack import FakeCartrack
@@ -164,27 +166,111 @@ async def test_odd_but_valid_json_is_stored_not_a_500(relay: TestClient) -> None
     assert reason.startswith("Latitude: 1000")
 
 
-async def test_batch_stored_log_event(relay: TestClient) -> None:
+def webhook_lines(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "webhook_request"]
+
+
+async def test_one_canonical_line_per_request(relay: TestClient) -> None:
     body = batch(
         ("9876543", [position("2023-10-25T16:29:31Z"), position("2023-10-25T16:29:31Z")]),
         ("5555555", [position("2023-10-25T16:29:31Z"), {"Timestamp": 1}]),
     )
+    raw = json.dumps(body).encode()
     with capture_logs() as logs:
-        status, _ = await post_batch(relay, body)
-    assert status == 200
-    (event,) = [e for e in logs if e["event"] == "batch_stored"]
+        response = await post_raw(
+            relay, raw, headers={"Authorization": TOKEN, "X-Request-ID": "frotcom-42"}
+        )
+    assert response.status == 200
+    assert response.headers["X-Request-ID"] == "frotcom-42"
+    # Nothing else is logged for a stored batch: the line says it all.
+    (event,) = logs
     duration = event.pop("duration_ms")
     assert isinstance(duration, float)
     assert duration >= 0
     assert event == {
-        "event": "batch_stored",
+        "event": "webhook_request",
         "log_level": "info",
+        "request_id": "frotcom-42",
+        "method": "POST",
+        "status": 200,
+        "positions": 4,
         "accepted": 2,
         "duplicates": 1,
         "held": 1,
         "quarantined": 1,
         "vehicles": 2,
+        "bytes": len(raw),
+        "remote": "127.0.0.1",
     }
+
+
+async def test_canonical_line_for_a_wrong_method_and_for_a_bug(
+    relay: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    with capture_logs() as logs:
+        assert (await relay.get(PATH)).status == 405
+        monkeypatch.setattr(web_module, "parse_batch", broken)
+        assert (await post_batch(relay, batch(("9876543", [position()]))))[0] == 500
+    lines = webhook_lines(logs)
+    assert [(e["status"], e["log_level"], e["error"]) for e in lines] == [
+        (405, "warning", "Method Not Allowed"),
+        (500, "error", "unexpected error (see request_failed)"),
+    ]
+    # The traceback has a line of its own (request_failed), logged at the bug.
+    [failed] = [e for e in logs if e["event"] == "request_failed"]
+    assert failed["exc_info"] is True
+
+
+@pytest.mark.parametrize(
+    ("offered", "kept"),
+    [
+        ("3f2a9c1e-77b0-4c1e-9d0a-2b6f0e1d5a44", True),
+        ("req.42:a_b", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("", False),
+        ("-leading-dash", False),
+        ("has space", False),
+        ("tab\tinside", False),
+        ("<script>", False),
+    ],
+)
+async def test_request_id_is_kept_only_when_sane(
+    relay: TestClient, offered: str, kept: bool
+) -> None:
+    with capture_logs() as logs:
+        response = await post_raw(
+            relay,
+            json.dumps(batch(("9876543", [position()]))),
+            headers={"Authorization": TOKEN, "X-Request-ID": offered},
+        )
+    assert response.status == 200
+    returned = response.headers["X-Request-ID"]
+    (line,) = webhook_lines(logs)
+    assert line["request_id"] == returned
+    if kept:
+        assert returned == offered
+    else:
+        assert returned != offered
+        assert re.fullmatch("[0-9a-f]{32}", returned)
+
+
+async def test_request_ids_are_generated_per_request(relay: TestClient) -> None:
+    ids = set()
+    for n in range(3):
+        response = await relay.post(
+            PATH,
+            json=batch(("9876543", [position(f"2023-10-25T16:29:3{n}Z")])),
+            headers={"Authorization": TOKEN},
+        )
+        assert response.status == 200
+        ids.add(response.headers["X-Request-ID"])
+    assert len(ids) == 3
+    # Every response carries one, not only the webhook's.
+    assert "X-Request-ID" in (await relay.get("/healthz")).headers
 
 
 # -- 401 -----------------------------------------------------------------------------------
@@ -212,9 +298,10 @@ async def test_unauthorized(relay: TestClient, headers: dict[str, str]) -> None:
         "detail": "missing or unknown Authorization token",
     }
     assert stored_nothing(db(relay))
-    assert [e["event"] for e in logs if e["event"].startswith("webhook_")] == [
-        "webhook_unauthorized"
-    ]
+    (line,) = logs
+    assert line["event"] == "webhook_request"
+    assert (line["log_level"], line["status"], line["accepted"]) == ("warning", 401, 0)
+    assert line["error"] == "missing or unknown Authorization token"
     assert TOKEN not in repr(logs)
 
 
@@ -287,8 +374,8 @@ async def test_bad_request(relay: TestClient, body: bytes, detail: str) -> None:
     assert response.content_type == "application/json"
     assert await response.json() == {"error": "bad request", "detail": detail}
     assert stored_nothing(db(relay))
-    assert [(e["event"], e["detail"], e["bytes"]) for e in logs if "detail" in e] == [
-        ("webhook_bad_request", detail, len(body))
+    assert [(e["event"], e["log_level"], e["status"], e["error"], e["bytes"]) for e in logs] == [
+        ("webhook_request", "warning", 400, detail, len(body))
     ]
 
 
@@ -348,14 +435,11 @@ async def test_disk_full_is_500_then_a_retry_succeeds(relay: TestClient) -> None
         status, answer = await post_batch(relay, BIG)
     assert (status, answer) == (500, {"error": "Internal server error"})
     assert stored_nothing(path)
-    (failure,) = [e for e in logs if e["event"] == "batch_store_failed"]
-    assert failure == {
-        "event": "batch_store_failed",
-        "log_level": "error",
-        "error": "OperationalError: database or disk is full",
-        "positions": 600,
-        "quarantined": 0,
-    }
+    (failure,) = logs
+    assert failure["event"] == "webhook_request"
+    assert (failure["log_level"], failure["status"]) == ("error", 500)
+    assert failure["error"] == "outbox store failed: OperationalError: database or disk is full"
+    assert (failure["positions"], failure["accepted"], failure["vehicles"]) == (600, 0, 1)
 
     await conn.execute("PRAGMA max_page_count = 1073741823")  # the operator frees space
     status, answer = await post_batch(relay, BIG)
@@ -373,10 +457,19 @@ async def test_low_disk_space_guard_is_500_before_writing(
     with capture_logs() as logs:
         status, answer = await post_batch(client, BIG)
     assert status == 500
-    assert answer == {"error": "outbox full", "detail": "the relay's disk is nearly full; retry later"}
+    assert answer == {
+        "error": "outbox full",
+        "detail": "the relay's disk is nearly full; retry later",
+    }
     assert stored_nothing(path)
-    (event,) = [e for e in logs if e["event"] == "outbox_low_space"]
-    assert event["min_free_bytes"] == demand and event["free_bytes"] < demand
+    (event,) = logs
+    assert (event["event"], event["status"], event["log_level"]) == (
+        "webhook_request",
+        500,
+        "error",
+    )
+    assert event["error"].startswith("outbox low on disk space: ")
+    assert event["error"].endswith(f" bytes free, below min_free_bytes={demand}")
 
     client.app[OUTBOX].min_free_bytes = 0  # space returns: no restart needed
     status, answer = await post_batch(client, BIG)
