@@ -38,3 +38,31 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo .pytest_cache .ruff_cache .hypothesis
+
+.PHONY: bench
+## Measure the relay against the machine's own limits (bench/README.md); several minutes.
+## BENCH_QUICK=1 runs every bench at tiny sizes.
+bench: $(STAMP)
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.forward
+	$(BIN)/python -m bench.backlog
+	$(BIN)/python -m bench.mixed
+
+.PHONY: soak
+SOAK_KILLS ?= 200
+SOAK_SEED  ?=
+## Durability soak: SIGKILL the real daemon SOAK_KILLS times under load, then check that
+## every acknowledged position reached the fake Cartrack (SOAK_SEED=... replays a run).
+soak: $(STAMP)
+	$(BIN)/python tests/crash_harness.py --kills $(SOAK_KILLS) $(if $(SOAK_SEED),--seed $(SOAK_SEED))
+
+## Install as a systemd service (as root): venv in /opt/cartrack-relay, unit, user,
+## /etc/cartrack-relay/config.toml. Never overwrites config, API key or outbox.
+## Settings (PREFIX, SYSCONFDIR, UNITDIR, DESTDIR): see systemd/install.sh.
+.PHONY: install-service uninstall-service
+install-service:
+	PYTHON="$(PYTHON)" sh systemd/install.sh install
+
+## Remove the venv and the unit; configuration and outbox stay.
+uninstall-service:
+	sh systemd/install.sh uninstall
