@@ -64,3 +64,18 @@ def test_readme_queries_run_against_a_real_outbox(populated: Path, index: int) -
         conn.close()
     # Each finds what it is about (the sent row was marked now, inside the last hour).
     assert result, sql_blocks()[index]
+
+
+def test_every_test_the_readme_cites_exists() -> None:
+    # "Delivery guarantees" names the test behind each promise: a rename must not
+    # leave the README pointing at nothing.
+    cited = set(re.findall(r"`(?:tests/)?(test_\w+\.py)::(test_\w+)`", README))
+    assert len(cited) > 20
+    missing = [
+        f"{module}::{name}"
+        for module, name in sorted(cited)
+        if not re.search(
+            rf"^(async )?def {name}\(", (ROOT / "tests" / module).read_text(), flags=re.M
+        )
+    ]
+    assert missing == []
