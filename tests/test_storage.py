@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -454,3 +455,88 @@ async def test_pending_vehicles_seeks_the_partial_index(outbox: Outbox, db_path:
         "SEARCH positions USING INDEX positions_pending",
         "SEARCH positions USING INDEX positions_pending (vehicle_id>?)",
     ]
+
+
+# -- group commit ----------------------------------------------------------------------
+
+
+def statements(box: Outbox) -> list[str]:
+    """Every statement the writer connection runs from now on (BEGIN, COMMIT, ...)."""
+    seen: list[str] = []
+    box._conn._conn.set_trace_callback(seen.append)
+    return seen
+
+
+async def test_concurrent_batches_share_one_commit(outbox: Outbox, db_path: Path) -> None:
+    seen = statements(outbox)
+    bodies = [
+        batch((vid, [position(ts(s), ignition=s % 2 == 0) for s in range(10)]))
+        for vid in ("9876543", "1111111", "5555555")
+    ]
+    results = await asyncio.gather(*(store(outbox, body) for body in bodies))
+    # One transaction, one fsync, for all three requests; each still gets its own answer.
+    assert seen.count("COMMIT") == 1
+    assert [(r.accepted, r.held) for r in results] == [(10, 0), (10, 0), (10, 10)]
+    assert results[0].vehicles == frozenset({"9876543"})
+    assert table(db_path, "SELECT count(*) FROM positions") == [(30,)]
+    # Event types are decided per vehicle inside the transaction, as one at a time would.
+    assert types(db_path, "1111111")[:3] == [
+        (ts(0), "PERIODIC"),
+        (ts(1), "IGNITION_OFF"),
+        (ts(2), "IGNITION_ON"),
+    ]
+
+
+async def test_a_failing_write_fails_alone_in_its_group(outbox: Outbox, db_path: Path) -> None:
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO relay_state (key, value, updated_at) VALUES ('half', 'done', 'x')"
+        )
+        raise ValueError("bug after a write")
+
+    seen = statements(outbox)
+    first, failed, last = await asyncio.gather(
+        store(outbox, batch(("9876543", [position(ts(1))]))),
+        outbox._write(broken),
+        store(outbox, batch(("1111111", [position(ts(2))]))),
+        return_exceptions=True,
+    )
+    assert seen.count("COMMIT") == 1
+    assert isinstance(failed, ValueError)
+    assert isinstance(first, StoreResult)
+    assert first.accepted == 1
+    assert isinstance(last, StoreResult)
+    assert last.accepted == 1
+    # Its savepoint was rolled back: nothing of the failed write, all of the others.
+    assert table(db_path, "SELECT key FROM relay_state") == []
+    assert table(db_path, "SELECT vehicle_id FROM positions ORDER BY 1") == [
+        ("1111111",),
+        ("9876543",),
+    ]
+
+
+async def test_a_caller_cancelled_before_its_turn_writes_nothing(
+    outbox: Outbox, db_path: Path
+) -> None:
+    blocker = asyncio.ensure_future(outbox._write(lambda conn: None))
+    task = asyncio.ensure_future(store(outbox, batch(("9876543", [position(ts(1))]))))
+    await asyncio.sleep(0)  # both queued; the writer has not run yet
+    task.cancel()
+    await blocker
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert table(db_path, "SELECT count(*) FROM positions") == [(0,)]
+    # The writer carries on with later work.
+    assert (await store(outbox, batch(("9876543", [position(ts(2))])))).accepted == 1
+
+
+async def test_a_failed_commit_fails_every_caller_of_the_group(
+    outbox: Outbox, db_path: Path
+) -> None:
+    # The outbox's connection may not grow the file: SQLite's real "disk full".
+    await outbox._conn.execute("PRAGMA max_page_count = 1")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        await store(outbox, big_batch(50))
+    await outbox._conn.execute("PRAGMA max_page_count = 1073741823")
+    assert table(db_path, "SELECT count(*) FROM positions") == [(0,)]
+    assert (await store(outbox, big_batch(50))).accepted == 51
