@@ -23,6 +23,7 @@ API_KEY_ENV = "CARTRACK_RELAY_API_KEY"
 API_KEY_CREDENTIAL = "cartrack_api_key"
 DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024
 REGIONS = ("af", "as", "eu")
+EVENT_LOOPS = ("asyncio", "uvloop")
 # ISO 3779: 17 characters, digits and capital letters except I, O and Q.
 VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}")
 # Same bound the webhook applies to Frotcom's VehicleID (relay.mapping).
@@ -48,6 +49,8 @@ class ServerConfig:
     # Both set: the webhook is served over HTTPS with this certificate chain and key.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # "uvloop": measured up to ~18% less CPU per forwarded event (bench/README.md).
+    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ def parse_config(
             "shutdown_timeout_seconds",
             "tls_cert_file",
             "tls_key_file",
+            "event_loop",
         },
     )
     path = _str(server, "server", "path", "/webhooks/frotcom")
@@ -223,7 +227,10 @@ def parse_config(
         shutdown_timeout_seconds=_num(server, "server", "shutdown_timeout_seconds", 10.0, lo=0),
         tls_cert_file=_readable_file(server, "server", "tls_cert_file", cwd),
         tls_key_file=_readable_file(server, "server", "tls_key_file", cwd),
+        event_loop=_str(server, "server", "event_loop", "asyncio"),
     )
+    if server_cfg.event_loop not in EVENT_LOOPS:
+        raise ConfigError("server.event_loop", f"must be one of {', '.join(EVENT_LOOPS)}")
     if (server_cfg.tls_cert_file is None) != (server_cfg.tls_key_file is None):
         missing = "tls_key_file" if server_cfg.tls_key_file is None else "tls_cert_file"
         raise ConfigError(

@@ -25,7 +25,7 @@ import asyncio
 import os
 import signal
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -57,6 +57,20 @@ class ListenError(CliError):
         # asyncio's strerror repeats the address at length; the errno's text is enough.
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         super().__init__(f"cannot listen on {host}:{port}: {reason}", EXIT_RUNTIME)
+
+
+def run(config: Config) -> int:
+    """``serve`` on the event loop that ``server.event_loop`` names."""
+    with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
+        return runner.run(serve(config))
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None  # asyncio's own
 
 
 async def serve(config: Config) -> int:

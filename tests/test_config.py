@@ -537,3 +537,27 @@ def test_admin_commands_do_not_need_the_api_key(tmp_path: Path) -> None:
     data = {**minimal(), "cartrack": {"api_key_file": "/nonexistent/api_key"}}
     assert parse_config(data, env={}, cwd=tmp_path, require_api_key=False).cartrack.api_key == ""
     assert error_of(data, tmp_path).startswith("cartrack.api_key_file: cannot read")
+
+
+@pytest.mark.parametrize("name", ["asyncio", "uvloop"])
+def test_event_loop_choice(tmp_path: Path, name: str) -> None:
+    assert parse_config(minimal(), env={}, cwd=tmp_path).server.event_loop == "asyncio"
+    config = parse_config(with_("server", "event_loop", name), env={}, cwd=tmp_path)
+    assert config.server.event_loop == name
+    # The loop serve() then runs on.
+    from relay.serve import loop_factory
+
+    factory = loop_factory(name)
+    loop = factory() if factory is not None else None
+    try:
+        assert (type(loop).__module__ if loop else "asyncio") == name
+    finally:
+        if loop is not None:
+            loop.close()
+
+
+@pytest.mark.parametrize("value", ["trio", "", "UVLOOP"])
+def test_event_loop_error_names_the_key(tmp_path: Path, value: str) -> None:
+    assert error_of(with_("server", "event_loop", value), tmp_path) == (
+        "server.event_loop: must be one of asyncio, uvloop"
+    )
