@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.forward
 	$(BIN)/python -m bench.backlog
 	$(BIN)/python -m bench.mixed
+	$(BIN)/python -m bench.findings
 
 .PHONY: soak
 SOAK_KILLS ?= 200

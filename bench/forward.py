@@ -1,0 +1,175 @@
+"""Bench 2, forward: drain a backlog to a local Cartrack stand-in, against a bare client.
+
+The relay (``serve`` in its own process) starts on an outbox holding the backlog and
+sends it to the lean stand-in (bench/standin.py); the clock runs from the first
+request the stand-in sees until the last row reads ``sent`` in the outbox, so marking
+rows sent is included. The ceiling is a bare aiohttp client (bench/fwdclient.py)
+posting the same events to the same stand-in at the same concurrency, measured
+before and after the relay; the ratio uses the mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    QUICK,
+    Relay,
+    StandIn,
+    build_backlog,
+    cpu_seconds,
+    fleet,
+    loadavg,
+    peak_rss_mb,
+    pending_count,
+    print_header,
+    print_table,
+    progress,
+    run_json,
+    workdir,
+)
+
+FLEET = 500
+
+
+def drain(
+    directory: Path,
+    db: Path,
+    concurrency: int,
+    fleet_size: int,
+    event_loop: str = "asyncio",
+    bound: float = 600.0,
+) -> dict[str, Any]:
+    """Start the relay on ``db`` and time the drain of every pending row."""
+    expected = pending_count(db)
+    with StandIn() as standin:
+        relay = Relay(
+            directory,
+            db,
+            standin.url,
+            fleet(fleet_size),
+            concurrency=concurrency,
+            event_loop=event_loop,
+        )
+        with relay:
+            startup = relay.startup_seconds
+            cpu_ready = cpu_seconds(relay.pid)
+            deadline = time.monotonic() + bound
+            left = expected
+            while time.monotonic() < deadline:
+                left = pending_count(db)
+                if left == 0:
+                    break
+                time.sleep(0.1)
+            done = time.time()
+            cpu = cpu_seconds(relay.pid) - cpu_ready
+            rss = peak_rss_mb(relay.pid)
+        stats = standin.stats(times=True)
+    if left:
+        raise RuntimeError(f"drain did not finish within {bound}s: {left} rows pending")
+    times: list[float] = stats["times"]
+    return {
+        "events": expected,
+        "requests": stats["count"],
+        "startup_s": startup,
+        "elapsed": done - times[0],
+        "rate": expected / (done - times[0]),
+        "times": times,
+        "cpu_s": cpu,
+        "peak_rss_mb": rss,
+    }
+
+
+def ceiling(db: Path, concurrency: int, fleet_size: int) -> tuple[float, float]:
+    """Events/s of the bare client, and its CPU ms per 1,000 events."""
+    with StandIn() as standin:
+        r = run_json(
+            [
+                "-m",
+                "bench.fwdclient",
+                "--db",
+                str(db),
+                "--url",
+                standin.url,
+                "--concurrency",
+                str(concurrency),
+                "--fleet",
+                str(fleet_size),
+            ],
+            timeout=600,
+        )
+    if r["errors"]:
+        raise RuntimeError(f"ceiling client saw {r['errors']} errors")
+    return r["events"] / r["elapsed"], r["cpu_s"] * 1e6 / r["events"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--events", type=int, default=500 if QUICK else 50_000)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--event-loops", nargs="+", default=["asyncio", "uvloop"])
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args(argv)
+    print_header(f"forward: drain {args.events:,} pending events")
+    results: dict[str, Any] = {"load_before": loadavg(), "runs": {}}
+    table = []
+    with workdir("forward") as directory:
+        progress(f"building a backlog of {args.events:,} events")
+        template = directory / "backlog.sqlite3"
+        build_backlog(template, args.events, args.events, FLEET)
+        for c in args.concurrency:
+            progress(f"ceiling, concurrency {c}")
+            before, cpu_before = ceiling(template, c, FLEET)
+            relays = {}
+            for loop in args.event_loops:
+                progress(f"relay, concurrency {c}, {loop}")
+                run_dir = directory / f"relay-{c}-{loop}"
+                run_dir.mkdir()
+                db = run_dir / "outbox.sqlite3"
+                shutil.copy(template, db)
+                relays[loop] = drain(run_dir, db, c, FLEET, loop)
+                del relays[loop]["times"]
+            progress(f"ceiling again, concurrency {c}")
+            after, cpu_after = ceiling(template, c, FLEET)
+            mean = (before + after) / 2
+            results["runs"][c] = {"ceiling": [before, after], "relay": relays}
+            table.append(
+                [
+                    f"bare aiohttp client, concurrency {c} (ceiling)",
+                    mean,
+                    (cpu_before + cpu_after) / 2,
+                    1.0,
+                ]
+            )
+            for loop, r in relays.items():
+                table.append(
+                    [
+                        f"relay, concurrency {c}, {loop}",
+                        r["rate"],
+                        r["cpu_s"] * 1000 / r["events"] * 1000,
+                        r["rate"] / mean,
+                    ]
+                )
+    results["load_after"] = loadavg()
+    print_table(["forward", "events/s", "CPU ms/1000 events", "x ceiling"], table)
+    print(
+        "ceiling runs: "
+        + "; ".join(
+            f"c={c}: {v['ceiling'][0]:,.0f} and {v['ceiling'][1]:,.0f}"
+            for c, v in results["runs"].items()
+        )
+        + f"; load {results['load_before']} -> {results['load_after']}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
