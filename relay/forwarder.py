@@ -412,7 +412,15 @@ class Forwarder:
                 except sqlite3.OperationalError as exc:
                     # Rows stay pending and excluded from lanes; try again shortly.
                     self.stats["storage_errors"] += 1
-                    log.error("ack_flush_failed", error=str(exc), rows=len(self._acks))
+                    # Retried every retry.initial_seconds while the disk stays full:
+                    # the first line in full, then one summary per window.
+                    self.failures.log(
+                        "error",
+                        "ack_flush_failed",
+                        ("error",),
+                        error=str(exc),
+                        rows=len(self._acks),
+                    )
                     if await _wait_stop(self._stopping, self.retry.initial_seconds):
                         return
                     self._ack_ready.set()
