@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import structlog
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
+from relay import logging as relay_logging
 from relay.app import create_app
 from relay.config import Config, parse_config
 from relay.devtools.fake_cartrack import FakeCartrack
@@ -26,11 +29,39 @@ VIN2 = "1HGCM82633A004352"
 
 
 @pytest.fixture(autouse=True)
-def _logging() -> None:
-    # Per test: some code under test (the demo, serve) configures logging itself.
-    # Info level, so capture_logs() sees info events (the level filter sits in the
-    # wrapper class, before capture_logs' processor); pytest shows output on failure.
+def _logging() -> Iterator[None]:
+    # Per test: some code under test (the demo, serve, cli.main) configures logging for
+    # the whole process. Info level, so capture_logs() sees info events (the level filter
+    # sits in the wrapper class, before capture_logs' processor); pytest shows output on
+    # failure. Afterwards everything is put back, so a later test never logs into this
+    # test's closed captured stdout.
     configure_logging("info", json=False)
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    secrets = set(relay_logging._secrets)
+    try:
+        yield
+    finally:
+        structlog.configure(**config)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        relay_logging._secrets.clear()
+        relay_logging._secrets.update(secrets)
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[tuple[socket.socket, str]]:
+    """A bound AF_UNIX datagram socket, as systemd's $NOTIFY_SOCKET (short path: 108 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="sdn-") as directory:
+        path = f"{directory}/notify"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.setblocking(False)
+        try:
+            yield sock, path
+        finally:
+            sock.close()
 
 
 @pytest.fixture

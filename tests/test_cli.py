@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from conftest import VIN, VIN2, batch, position, rows, snapshot
 
 import relay
@@ -36,19 +34,6 @@ TOKEN = "frotcom-token-5678-9097-8466"
 DAY = 86_400.0
 T0 = parse_timestamp("2023-10-25T16:00:00Z")
 REPO = Path(relay.__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # main() configures structlog and the stdlib root logger for the process; put them
-    # back so later tests do not log into this test's (closed) captured stdout.
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def write_config(

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from conftest import API_KEY, TOKEN, VIN, VIN2, batch, position, snapshot
 
 from relay import admin
@@ -268,18 +266,6 @@ async def test_one_event_by_its_id(config: Config, seeded: Path) -> None:
 
 
 # -- the command line -------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    # main() configures structlog and the root logger; later tests must not log here.
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture

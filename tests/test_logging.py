@@ -6,7 +6,7 @@ import io
 import json
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,6 @@ from aiohttp import web
 from conftest import API_KEY, TOKEN, VIN, VIN2, batch, position, rows, wait_until
 from proc import RelayProcess
 
-from relay import logging as relay_logging
 from relay.app import create_app
 from relay.config import Config
 from relay.devtools.fake_cartrack import FakeCartrack, Response
@@ -29,23 +28,6 @@ from relay.timeutil import format_ms
 class TtyStream(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """configure_logging changes process-wide state; give the next test what it had."""
-    config = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    secrets = set(relay_logging._secrets)
-    try:
-        yield
-    finally:
-        structlog.configure(**config)
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        relay_logging._secrets.clear()
-        relay_logging._secrets.update(secrets)
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -439,20 +438,6 @@ async def test_background_task_crash_exits_1(
 
 
 # -- systemd readiness -------------------------------------------------------------------
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[socket.socket, str]]:
-    """A bound AF_UNIX datagram socket, as systemd's $NOTIFY_SOCKET (short path: 108 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="sdn-") as directory:
-        path = f"{directory}/notify"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.setblocking(False)
-        try:
-            yield sock, path
-        finally:
-            sock.close()
 
 
 async def _datagram(sock: socket.socket, timeout: float = 20.0) -> str:

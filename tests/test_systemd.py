@@ -14,8 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -155,20 +154,6 @@ def test_security_exposure_is_at_most_2(unit_copy: Path) -> None:
 
 
 # -- the watchdog of the real daemon -----------------------------------------------------
-
-
-@pytest.fixture
-def notify_socket() -> Iterator[tuple[socket.socket, str]]:
-    """A bound AF_UNIX datagram socket, as systemd's $NOTIFY_SOCKET (short path: 108 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="sdn-") as directory:
-        path = f"{directory}/notify"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.setblocking(False)
-        try:
-            yield sock, path
-        finally:
-            sock.close()
 
 
 @pytest.fixture
