@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import QUICK, loadavg, print_header, print_table, progress, workdir
+from relay.outbox.storage import PENDING_VEHICLES
 
 STATUS_CHECKS = {
     "IN (...)": "CHECK (status IN ('pending', 'held', 'sent', 'failed'))",
@@ -176,18 +177,11 @@ def oldest_per_vehicle(
         "SELECT vehicle_id, min(event_ts) FROM positions INDEXED BY positions_pending"
         " WHERE status = 'pending' GROUP BY vehicle_id"
     )
-    loose = """
-        WITH RECURSIVE v(vehicle_id) AS (
-            SELECT (SELECT min(vehicle_id) FROM positions INDEXED BY positions_pending
-                    WHERE status = 'pending')
-            UNION ALL
-            SELECT (SELECT min(vehicle_id) FROM positions INDEXED BY positions_pending
-                    WHERE status = 'pending' AND vehicle_id > v.vehicle_id)
-            FROM v WHERE v.vehicle_id IS NOT NULL
-        )
+    # The relay's own statement (Outbox.pending_vehicles), each vehicle's oldest row added.
+    loose = f"""
         SELECT vehicle_id, (SELECT min(event_ts) FROM positions INDEXED BY positions_pending
                             WHERE status = 'pending' AND vehicle_id = v.vehicle_id)
-        FROM v WHERE vehicle_id IS NOT NULL
+        FROM ({PENDING_VEHICLES}) AS v
     """
     assert conn.execute(group_by).fetchall() == conn.execute(loose).fetchall()
     timings = []

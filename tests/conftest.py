@@ -51,6 +51,29 @@ def _logging() -> Iterator[None]:
 
 
 @pytest.fixture
+def spawn(tmp_path: Path, cartrack: FakeCartrack) -> Iterator[Callable[..., Any]]:
+    """RelayProcess factory (tests/proc.py); every process is reaped, and no run may log
+    a secret."""
+    from proc import RelayProcess  # proc imports this module: not at import time
+
+    made: list[RelayProcess] = []
+
+    def make(**kwargs: Any) -> RelayProcess:
+        assert cartrack.url is not None
+        relay = RelayProcess(tmp_path, cartrack.url, **kwargs)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.close()
+    for relay in made:
+        output = relay.all_output()
+        assert API_KEY not in output, "the Cartrack API key reached a log line"
+        assert TOKEN not in output, "a Frotcom token reached a log line"
+
+
+@pytest.fixture
 def notify_socket() -> Iterator[tuple[socket.socket, str]]:
     """A bound AF_UNIX datagram socket, as systemd's $NOTIFY_SOCKET (short path: 108 bytes)."""
     with tempfile.TemporaryDirectory(prefix="sdn-") as directory:

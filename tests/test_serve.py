@@ -17,14 +17,14 @@ import ssl
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import API_KEY, TOKEN, VIN, VIN2, batch, position, rows, wait_until
+from conftest import TOKEN, VIN, VIN2, batch, position, rows, wait_until
 from proc import RelayProcess, console_script
 
 from relay.config import ConfigError, ServerConfig
@@ -50,26 +50,6 @@ def statuses(db: Path) -> Counter[str]:
 def ids_at(fake: FakeCartrack) -> Counter[str]:
     """How many times Cartrack accepted each provider_event_id."""
     return Counter(fake.ids())
-
-
-@pytest.fixture
-def spawn(tmp_path: Path, cartrack: FakeCartrack) -> Iterator[Callable[..., RelayProcess]]:
-    """RelayProcess factory; every process is reaped, and no run may log a secret."""
-    made: list[RelayProcess] = []
-
-    def make(**kwargs: Any) -> RelayProcess:
-        assert cartrack.url is not None
-        relay = RelayProcess(tmp_path, cartrack.url, **kwargs)
-        made.append(relay)
-        return relay
-
-    yield make
-    for relay in made:
-        relay.close()
-    for relay in made:
-        output = relay.all_output()
-        assert API_KEY not in output, "the Cartrack API key reached a log line"
-        assert TOKEN not in output, "a Frotcom token reached a log line"
 
 
 # -- stopping ----------------------------------------------------------------------------

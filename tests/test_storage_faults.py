@@ -48,21 +48,6 @@ A, B = "9876543", "1111111"  # both mapped in proc.DEFAULT_VEHICLES
 INTERNAL_ERROR = {"error": "Internal server error"}
 
 
-@pytest.fixture
-def spawn(tmp_path: Path, cartrack: FakeCartrack) -> Iterator[Callable[..., RelayProcess]]:
-    made: list[RelayProcess] = []
-
-    def make(**sections: Any) -> RelayProcess:
-        assert cartrack.url is not None
-        relay = RelayProcess(tmp_path, cartrack.url, **sections)
-        made.append(relay)
-        return relay
-
-    yield make
-    for relay in made:
-        relay.close()
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -14,16 +14,14 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY
 from proc import RelayProcess
 
 from relay.cli import EXIT_CONFIG, EXIT_OUTBOX
 from relay.config import API_KEY_CREDENTIAL, ServerConfig
-from relay.devtools.fake_cartrack import FakeCartrack
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "cartrack-relay.service"
@@ -156,24 +154,6 @@ def test_security_exposure_is_at_most_2(unit_copy: Path) -> None:
 # -- the watchdog of the real daemon -----------------------------------------------------
 
 
-@pytest.fixture
-async def spawn(
-    tmp_path: Path, cartrack: FakeCartrack
-) -> AsyncIterator[Callable[..., RelayProcess]]:
-    made: list[RelayProcess] = []
-
-    def make(env: dict[str, str]) -> RelayProcess:
-        assert cartrack.url is not None
-        relay = RelayProcess(tmp_path, cartrack.url, env=env)
-        made.append(relay)
-        return relay
-
-    yield make
-    for relay in made:
-        relay.close()
-        assert API_KEY not in relay.all_output()
-
-
 async def receive_until(
     sock: socket.socket, received: list[str], done: Callable[[list[str]], bool]
 ) -> None:
@@ -195,7 +175,7 @@ async def test_watchdog_pings_keep_coming_while_the_relay_runs(
     spawn: Callable[..., RelayProcess], notify_socket: tuple[socket.socket, str]
 ) -> None:
     sock, path = notify_socket
-    relay = spawn({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+    relay = spawn(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
     relay.spawn()
     received: list[str] = []
 
@@ -231,7 +211,7 @@ async def test_no_watchdog_pings_unless_this_process_is_watched(
     watchdog_env: dict[str, str],
 ) -> None:
     sock, path = notify_socket
-    relay = spawn({"NOTIFY_SOCKET": path, **watchdog_env})
+    relay = spawn(env={"NOTIFY_SOCKET": path, **watchdog_env})
     relay.spawn()
     received: list[str] = []
     await receive_until(sock, received, lambda m: "READY=1" in first_lines(m))
