@@ -30,6 +30,24 @@ _ISO_RE = re.compile(
     r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|z|[+-]\d{2}(:?\d{2})?)?",
     re.ASCII,
 )
+# The relay's own spelling, which is also what Frotcom sends: such a text is its own
+# canonical form, so the hot path neither normalises it nor formats the instant again.
+_CANONICAL_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", re.ASCII)
+
+
+def parse_instant(text: str) -> tuple[int, str]:
+    """Epoch milliseconds and the canonical text of a Frotcom timestamp. Raises ValueError."""
+    if _CANONICAL_RE.fullmatch(text):
+        # fromisoformat (3.11+) reads this form whole, ``Z`` included, and still checks
+        # every field's range; years 1..9999 UTC cannot fall outside the format.
+        return _epoch_ms(datetime.fromisoformat(text)), text
+    ms = parse_timestamp(text)
+    return ms, format_ms(ms)
+
+
+def _epoch_ms(parsed: datetime) -> int:
+    delta = parsed - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
 def parse_timestamp(text: str) -> int:
@@ -52,8 +70,7 @@ def parse_timestamp(text: str) -> int:
     parsed = datetime.fromisoformat(head)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    delta = parsed - _EPOCH
-    ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    ms = _epoch_ms(parsed)
     if not _MIN_MS <= ms <= _MAX_MS:
         # An offset pushed the instant outside years 1..9999 UTC: it could not be formatted.
         raise ValueError("instant out of range")

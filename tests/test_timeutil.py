@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.mapping import provider_event_id
-from relay.timeutil import format_epoch, format_ms, now_iso, parse_timestamp
+from relay.timeutil import (
+    _MAX_MS,
+    _MIN_MS,
+    format_epoch,
+    format_ms,
+    now_iso,
+    parse_instant,
+    parse_timestamp,
+)
 
 BASE_MS = 1698251371087  # 2023-10-25T16:29:31.087Z
 BASE_S = 1698251371000  # 2023-10-25T16:29:31.000Z
@@ -48,6 +58,13 @@ BASE_S = 1698251371000  # 2023-10-25T16:29:31.000Z
 )
 def test_parse_then_format_is_canonical_utc(text: str, expected: str) -> None:
     assert format_ms(parse_timestamp(text)) == expected
+    # The hot path's shortcut for canonical text gives the same answer as the long way.
+    assert parse_instant(text) == (parse_timestamp(text), expected)
+
+
+@given(st.integers(min_value=_MIN_MS, max_value=_MAX_MS))
+def test_canonical_text_round_trips(ms: int) -> None:
+    assert parse_instant(format_ms(ms)) == (ms, format_ms(ms))
 
 
 def test_parse_gives_epoch_milliseconds() -> None:
@@ -85,6 +102,9 @@ def test_parse_gives_epoch_milliseconds() -> None:
         "2023-10-25T23:59:60Z",  # leap second
         "2023-10-25T16:29:31+24:00",  # offset out of range
         "0000-01-01T00:00:00Z",
+        "0000-01-01T00:00:00.000Z",  # canonical in shape, but no year 0
+        "2023-02-29T16:29:31.000Z",
+        "2023-10-25T24:00:00.000Z",
         "\u0662\u0660\u0662\u0663-10-25T16:29:31Z",  # Arabic-Indic digits
         "\uff12\uff10\uff12\uff13-10-25T16:29:31Z",  # fullwidth digits
         # in range locally, out of range in UTC: not formattable, so not an instant
@@ -95,6 +115,8 @@ def test_parse_gives_epoch_milliseconds() -> None:
 def test_garbage_is_rejected_with_value_error(text: str) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the message is for logs only
         parse_timestamp(text)
+    with pytest.raises(ValueError):  # noqa: PT011
+        parse_instant(text)
 
 
 @pytest.mark.parametrize(
