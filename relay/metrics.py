@@ -24,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay import __version__
-from relay.outbox.schema import OutboxError, connect
+from relay.outbox.schema import OutboxError, connect, status_counts
 from relay.timeutil import parse_timestamp
 
 if TYPE_CHECKING:
@@ -56,14 +56,8 @@ def read_outbox(path: Path, now_ms: int) -> OutboxSnapshot:
     conn = connect(path, readonly=True)
     try:
         conn.execute("BEGIN")
-        # Literal statuses with INDEXED BY: each count reads only its partial index (or
-        # the status range of positions_status_updated for 'sent'), never the table.
-        counts = {
-            "pending": _one(conn, "positions_pending", "pending", "count(*)"),
-            "held": _one(conn, "positions_held", "held", "count(*)"),
-            "failed": _one(conn, "positions_failed", "failed", "count(*)"),
-            "sent": _one(conn, "positions_status_updated", "sent", "count(*)"),
-        }
+        # Each count reads only its status's partial index, never the table.
+        counts = status_counts(conn)
         oldest = _one(conn, "positions_pending", "pending", "min(event_ts)")
         conn.execute("COMMIT")
     finally:
@@ -148,6 +142,7 @@ class RelayMetrics:
         Gauge("relay_build_info", "The running version.", ["version"], registry=r).labels(
             __version__
         ).set(1)
+        self._responses: dict[str, Counter] = {}
         self.outbox: OutboxSnapshot | None = None
         self.paused: Callable[[], bool] = lambda: False
         r.register(_LiveCollector(self))
@@ -174,7 +169,12 @@ class RelayMetrics:
     # -- delivery ------------------------------------------------------------------------
 
     def cartrack_response(self, status: str, seconds: float) -> None:
-        self.cartrack_responses.labels(status).inc()
+        # Once per event sent: the labelled child is looked up once per status (a
+        # labels() call costs more than the increment itself). Statuses are few.
+        child = self._responses.get(status)
+        if child is None:
+            child = self._responses[status] = self.cartrack_responses.labels(status)
+        child.inc()
         self.cartrack_seconds.observe(seconds)
 
     def event_sent(self) -> None:

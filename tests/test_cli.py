@@ -317,7 +317,7 @@ def test_status_json(seeded: Path, capsys: pytest.CaptureFixture[str]) -> None:
         (A, "16:01", "failed", 404),
     ]
     assert list(report["relay_state"]) == ["last_error"]
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == schema.latest_version()
     assert report["path"] == str(seeded)
     assert report["size_bytes"] == seeded.stat().st_size
 

@@ -149,6 +149,29 @@ def test_migrated_database_equals_a_fresh_one(
     assert kept == ([1, 1, 1, 1] if version >= 1 else [0, 0, 0, 0])
 
 
+def test_version_2_indexes_the_rows_a_version_1_file_already_holds(tmp_path: Path) -> None:
+    # Version 2 swapped the index over every row for partial ones: rows written under
+    # version 1 must be found through them (counts, purge), not only new ones.
+    path = tmp_path / "v1.sqlite3"
+    build_by_hand(path, 1)
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        template = V1_SAMPLE[0]
+        for n, state in enumerate(["sent", "sent", "failed", "held"]):
+            conn.execute(
+                template.replace("frotcom:1:", f"frotcom:{n + 2}:").replace(
+                    "'pending'", f"'{state}'"
+                )
+            )
+    with closing(connect(path)) as conn:
+        assert pragma(conn, "user_version") == latest_version()
+        assert pragma(conn, "integrity_check") == "ok"
+        assert schema.status_counts(conn) == {"pending": 1, "held": 1, "sent": 2, "failed": 1}
+        old = "DELETE FROM positions WHERE status = 'sent' AND updated_at < '2024-01-01'"
+        plan = [r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {old}")]
+        assert plan == ["SEARCH positions USING INDEX positions_done (status=? AND updated_at<?)"]
+        assert conn.execute(old).rowcount == 2
+
+
 def test_migration_files_are_numbered_and_complete() -> None:
     found = migrations()
     assert [m.version for m in found] == list(range(1, len(found) + 1))

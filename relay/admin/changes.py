@@ -82,10 +82,9 @@ def _count_requeue(
     conn: sqlite3.Connection, where: str, params: list[Any], mapped: Any
 ) -> RequeueResult:
     # Failed rows have their own (vehicle_id, event_ts) index; sent rows are reached
-    # through their status range, the least there is without a per-vehicle index.
-    index = (
-        "positions_failed" if where.startswith("status = 'failed'") else "positions_status_updated"
-    )
+    # through their range of positions_done, the least there is without a per-vehicle
+    # index (one would cost every row marked sent another index entry).
+    index = "positions_failed" if where.startswith("status = 'failed'") else "positions_done"
     pending = held = 0
     held_vehicles = []
     for vehicle_id, n in conn.execute(
@@ -109,7 +108,7 @@ def _requeue_rows(
     clock: Clock,
     pause: float,
 ) -> RequeueResult:
-    # Keyset walk along positions_status_updated: rows leave the walked status as they
+    # Keyset walk along positions_done: rows leave the walked status as they
     # are requeued, and filtered-out rows are passed over once, not once per chunk.
     counts = {"pending": 0, "held": 0}
     held_vehicles: set[str] = set()
@@ -119,7 +118,7 @@ def _requeue_rows(
         now = format_ms(int(clock() * 1000))
         rows = conn.execute(
             "SELECT id, vehicle_id, updated_at FROM positions"
-            f" INDEXED BY positions_status_updated WHERE {where}"
+            f" INDEXED BY positions_done WHERE {where}"
             " AND (updated_at, id) > (?, ?) ORDER BY updated_at, id LIMIT ?",
             [*params, *cursor, CHUNK],
         ).fetchall()

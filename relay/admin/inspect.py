@@ -8,8 +8,7 @@ found by skipping along the same index (one seek per provider, normally one), pl
 the configured one. ``vehicle_id`` and ``event_ts`` are still compared, so the
 ranges only make it fast, never wrong about another vehicle's rows.
 
-``quarantine`` has no index on ``vehicle_id``: its rows for a vehicle are found by
-reading the table, which stays small when it is purged (``purge --quarantine``).
+``quarantine`` rows for a vehicle come from its ``quarantine_vehicle`` index (schema 2).
 """
 
 from __future__ import annotations

@@ -17,6 +17,18 @@ from urllib.parse import quote
 BUSY_TIMEOUT_MS = 5000
 OUR_TABLES = {"positions", "quarantine", "vehicle_state", "relay_state"}
 
+# Rows by status in one statement (one read snapshot), each count a pass over its own
+# partial index: since schema version 2 no index holds every row, so that marking a
+# row sent touches as few index entries as it can. Literal statuses: a bound parameter
+# would keep SQLite from using a partial index.
+STATUS_COUNTS = """
+SELECT (SELECT count(*) FROM positions INDEXED BY positions_pending WHERE status = 'pending'),
+       (SELECT count(*) FROM positions INDEXED BY positions_held WHERE status = 'held'),
+       (SELECT count(*) FROM positions INDEXED BY positions_done WHERE status = 'sent'),
+       (SELECT count(*) FROM positions INDEXED BY positions_done WHERE status = 'failed')
+"""
+STATUS_COUNTS_ORDER = ("pending", "held", "sent", "failed")
+
 
 class OutboxError(Exception):
     """The outbox file cannot be used; the message names the file."""
@@ -40,6 +52,11 @@ def migrations() -> list[Migration]:
     if [mig.version for mig in found] != expected:
         raise RuntimeError(f"migrations must be numbered 1..n, found {[m.version for m in found]}")
     return found
+
+
+def status_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Rows by status: pending, held, sent, failed."""
+    return dict(zip(STATUS_COUNTS_ORDER, conn.execute(STATUS_COUNTS).fetchone(), strict=True))
 
 
 def latest_version() -> int:
