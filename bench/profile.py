@@ -47,7 +47,9 @@ CATEGORIES = (
     (
         "SQLite statements",
         (
-            "_insert_count",
+            "_insert_rows",
+            "run_group",
+            "batch.py",
             "_load_states",
             "mark_sent",
             "_run_job",
@@ -69,7 +71,7 @@ CATEGORIES = (
 
 def category(frames: list[str]) -> str:
     if any("_bootstrap" in f for f in frames[:3]):
-        return "threads (BEGIN/COMMIT/fsync, offloaded statements)"
+        return "threads (the writer: statements, BEGIN/COMMIT/fsync)"
     for frame in reversed(frames):
         for name, needles in CATEGORIES:
             if any(n in frame for n in needles):

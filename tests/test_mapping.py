@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from relay.devtools.fake_cartrack import validate_event
 from relay.mapping import (
@@ -16,11 +18,13 @@ from relay.mapping import (
     VehicleState,
     build_event,
     decode_body,
+    event_types,
     next_event_type,
     parse_batch,
     parse_position,
     with_vin,
 )
+from relay.mapping import _parse_position_checked as parse_position_checked
 from relay.timeutil import parse_timestamp
 
 NOW_MS = parse_timestamp("2023-10-25T16:30:00.000Z")
@@ -52,6 +56,52 @@ def parse(position: Any) -> Position | Rejected:
     return parse_position(VID, position, NOW_MS, MAX_FUTURE_MS)
 
 
+# For each field: values on, just inside and just outside its bounds, in every JSON type.
+def _around(*bounds: float) -> st.SearchStrategy[Any]:
+    near = [b + d for b in bounds for d in (-1e-9, 0.0, 1e-9)]
+    return st.one_of(
+        st.sampled_from([*near, *(int(b) for b in bounds), -0.0, 1e308, 10**400, DROP]),
+        st.sampled_from([None, True, False, "1", [1], {"a": 1}]),
+        st.floats(allow_nan=False, allow_infinity=False, min_value=-400, max_value=400),
+        st.integers(min_value=-400, max_value=400),
+    )
+
+
+_FIELDS = {
+    "Timestamp": st.one_of(
+        st.sampled_from(
+            [
+                "2023-10-25T16:29:31.087Z",  # canonical
+                "2023-10-25T16:29:31Z",
+                "2023-10-25T18:29:31.087+02:00",
+                "2023-10-25T16:29:31.087z",
+                "2023-02-29T16:29:31.000Z",  # canonical in shape, not a date
+                "0000-01-01T00:00:00.000Z",
+                "2023-10-27T16:29:31.000Z",  # beyond max_future
+                "2023-10-26T16:30:00.000Z",  # at the limit exactly
+                "2023-10-26T16:30:00.001Z",  # 1 ms past it
+                DROP,
+            ]
+        ),
+        _around(0),
+    ),
+    "Latitude": _around(-90, 90),
+    "Longitude": _around(-180, 180),
+    "Speed": _around(0),
+    "Direction": _around(0, 360),
+    "Ignition": st.sampled_from([True, False, None, 1, 0, "true", DROP]),
+    "Odometer": _around(0),
+}
+
+
+@settings(max_examples=500, derandomize=True, database=None)
+@given(st.fixed_dictionaries({}, optional=_FIELDS))
+@example({"Odometer": 12.5})
+def test_fast_path_answers_exactly_like_the_checked_path(changes: dict[str, Any]) -> None:
+    position = raw(**changes)
+    assert parse(position) == parse_position_checked(VID, position, NOW_MS, MAX_FUTURE_MS)
+
+
 def at(text: str) -> int:
     return parse_timestamp(text)
 
@@ -65,6 +115,7 @@ def test_valid_position_is_parsed() -> None:
     assert result == Position(
         vehicle_id=VID,
         ts_ms=at("2023-10-25T16:29:31.087Z"),
+        event_ts="2023-10-25T16:29:31.087Z",
         latitude=41.40338,
         longitude=2.17803,
         speed=45.0,
@@ -462,3 +513,43 @@ def test_with_vin_adds_chassis_number_and_nothing_else(odometer: float | None) -
 def test_with_vin_keeps_non_ascii_as_utf8() -> None:
     body = with_vin('{"source": {"device_id": "Zé"}}', VIN)
     assert body == '{"source":{"device_id":"Zé"},"chassis_number":"WDB9634031L123456"}'.encode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{"event_type":"PERIODIC","position":{"latitude":41.40338,"longitude":-2.5}}',
+        '{"source":{"device_id":"Zé \\"quoted\\" \\\\"},"odometer":null}',
+        '{"note":"a\\": b, c","n":[1,{}]}',  # looks spaced inside a string
+        '{"a": 1, "b": {"c": "d"}}',  # spaced
+        '{"chassis_number":"OLD","a":1}',  # replaced in place, not added twice
+        "{}",
+        '{"big":123456789012345678901234567890}',
+    ],
+)
+def test_with_vin_is_what_decoding_and_encoding_would_give(payload: str) -> None:
+    # Compact payloads take a text splice: byte for byte what the long way produces.
+    expected = {**json.loads(payload), "chassis_number": VIN}
+    assert (
+        with_vin(payload, VIN)
+        == json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode()
+    )
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(
+    start=st.one_of(st.none(), st.builds(VehicleState, st.integers(0, 20), st.booleans())),
+    moments=st.lists(st.tuples(st.integers(0, 20), st.booleans()), max_size=12),
+)
+def test_event_types_is_next_event_type_along_the_positions(
+    start: VehicleState | None, moments: list[tuple[int, bool]]
+) -> None:
+    state = start
+    expected = []
+    for ts, ignition in moments:
+        event_type, state = next_event_type(state, ts, ignition)
+        expected.append(event_type)
+    types, final = event_types(start, moments)
+    assert (types or ["PERIODIC"] * len(moments)) == expected
+    assert types is None or set(types) != {"PERIODIC"}
+    assert final == state

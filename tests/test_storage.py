@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from conftest import VIN, VIN2, batch, position, rows
 
 from relay.mapping import ParsedBatch, parse_batch
-from relay.outbox import storage
+from relay.outbox import storage, writer
 from relay.outbox.storage import Outbox, StoreResult
 from relay.timeutil import format_ms, parse_timestamp
 
@@ -487,6 +488,49 @@ async def test_concurrent_batches_share_one_commit(outbox: Outbox, db_path: Path
     ]
 
 
+async def test_a_batch_takes_a_handful_of_statements_whatever_its_size(outbox: Outbox) -> None:
+    # The writer runs in its own thread, where every SQLite step hands the GIL to the
+    # busy event loop and back: one statement per row would stall it (bench.findings).
+    seen = statements(outbox)
+    result = await store(outbox, big_batch(1200))  # 1,201 rows, a quarantined entry
+    assert result.accepted == 1201
+    assert result.quarantined == 1
+    assert [s.split(" (")[0].split(" VALUES")[0] for s in seen] == [
+        "BEGIN IMMEDIATE",
+        "SAVEPOINT jobs",
+        "SELECT json_group_array(json_array(vehicle_id, last_ts, ignition)) FROM vehicle_state"
+        " WHERE vehicle_id IN",
+        "INSERT OR IGNORE INTO positions",  # rows 1-500
+        "INSERT OR IGNORE INTO positions",  # 501-1000
+        "INSERT OR IGNORE INTO positions",  # 1001-1200
+        "INSERT OR IGNORE INTO positions",  # the unmapped vehicle's row, held
+        "INSERT OR IGNORE INTO quarantine",
+        "INSERT INTO vehicle_state",
+        "RELEASE jobs",
+        "COMMIT",
+    ]
+
+
+async def test_checkpoints_run_beside_the_writer_and_keep_the_wal_small(
+    outbox: Outbox, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "CHECKPOINT_CHANGES", 100)
+    # Without the writer's own autocheckpoint, only the background one can stop the
+    # -wal file from growing with every batch.
+    await outbox._conn.execute("PRAGMA wal_autocheckpoint = 0")
+    seen = statements(outbox)
+    for n in range(40):
+        stamps = [format_ms(NOW_MS - 3_600_000 + (n * 100 + i) * 1000) for i in range(100)]
+        await store(outbox, batch(("9876543", [position(s) for s in stamps])))
+        if outbox._group.checkpoint is not None:
+            await outbox._group.checkpoint  # deterministic: each one finishes before the next batch
+    assert not any("checkpoint" in s for s in seen)  # never in the writer's commits
+    assert table(db_path, "SELECT count(*) FROM positions") == [(4000,)]
+    wal = db_path.with_name(db_path.name + "-wal")
+    # 4,000 rows are ~5 MB of pages; checkpointed and restarted, the WAL holds ~2 batches.
+    assert wal.stat().st_size < 1_000_000, wal.stat().st_size
+
+
 async def test_a_failing_write_fails_alone_in_its_group(outbox: Outbox, db_path: Path) -> None:
     def broken(conn: sqlite3.Connection) -> None:
         conn.execute(
@@ -518,10 +562,19 @@ async def test_a_failing_write_fails_alone_in_its_group(outbox: Outbox, db_path:
 async def test_a_caller_cancelled_before_its_turn_writes_nothing(
     outbox: Outbox, db_path: Path
 ) -> None:
-    blocker = asyncio.ensure_future(outbox._write(lambda conn: None))
+    # The writer's thread is held inside a first job while the second one waits.
+    started, gate = threading.Event(), threading.Event()
+
+    def blocking(conn: sqlite3.Connection) -> None:
+        started.set()
+        gate.wait(10)
+
+    blocker = asyncio.ensure_future(outbox._write(blocking))
+    assert await asyncio.to_thread(started.wait, 10)
     task = asyncio.ensure_future(store(outbox, batch(("9876543", [position(ts(1))]))))
-    await asyncio.sleep(0)  # both queued; the writer has not run yet
+    await asyncio.sleep(0)  # queued behind the blocker
     task.cancel()
+    gate.set()
     await blocker
     with pytest.raises(asyncio.CancelledError):
         await task
