@@ -8,6 +8,7 @@ has to know about HTTP status codes or aiohttp exceptions.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import enum
 import math
@@ -180,6 +181,9 @@ class CartrackClient:
         self._url = url
         self._api_key = api_key
         self._timeout = timeout
+        # Built once: aiohttp copies them into each request anyway.
+        self._headers = {"Content-Type": "application/json", "X-API-KEY": api_key}
+        self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self._clock = clock
         # Told of every request's outcome label and duration (metrics).
         self._on_response = on_response
@@ -191,19 +195,24 @@ class CartrackClient:
         return outcome
 
     async def _send(self, body: bytes) -> Outcome:
-        headers = {"Content-Type": "application/json", "X-API-KEY": self._api_key}
         started = time.monotonic()
         try:
             async with self._session.post(
                 self._url,
                 data=body,
-                headers=headers,
+                headers=self._headers,
                 # SPEC: never follow redirects. Following one would re-send the
                 # API key to wherever the Location points.
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                timeout=self._client_timeout,
             ) as response:
                 status = response.status
+                if 200 <= status <= 299 or status == 409:
+                    # Accepted (classify's SENT), the common case kept short: nothing
+                    # of the answer is kept, but its body is read, bounded, so the
+                    # connection is reused.
+                    await self._discard_body(response)
+                    return Outcome(Verdict.SENT, status, "", None, time.monotonic() - started)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock())
                 if 300 <= status <= 399:
                     log.error(
@@ -227,6 +236,20 @@ class CartrackClient:
             retry_after=retry_after,
             elapsed=time.monotonic() - started,
         )
+
+    @staticmethod
+    async def _discard_body(response: aiohttp.ClientResponse) -> None:
+        # As in _read_detail: up to _READ_LIMIT (a longer body closes the connection
+        # rather than being read), and a body that breaks off does not undo the
+        # acceptance the status already said.
+        content = response.content
+        size = 0
+        with contextlib.suppress(aiohttp.ClientError):
+            while size < _READ_LIMIT and not content.at_eof():
+                chunk = await content.read(_READ_LIMIT - size)
+                if not chunk:
+                    break
+                size += len(chunk)
 
     async def _read_detail(self, response: aiohttp.ClientResponse) -> str:
         # The status is already known and decides the verdict; a body that

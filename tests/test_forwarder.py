@@ -321,6 +321,49 @@ async def test_one_request_in_flight_per_vehicle_and_vehicles_overlap_up_to_conc
     assert most == 2  # different vehicles do overlap, but never beyond concurrency
 
 
+async def test_a_lane_keeps_its_slot_for_its_batch_while_cartrack_accepts(
+    start: Start, cartrack: FakeCartrack, db_path: Path
+) -> None:
+    # One slot, two vehicles with a backlog: each lane sends its batch in one go (their
+    # acks then share pages of the outbox) rather than the two taking turns per event.
+    client = await start(cartrack={"concurrency": 1})
+    await post_ok(client, (A, positions(1, 2, 3, 4, 5)), (B, positions(1, 2, 3, 4, 5)))
+    await wait_until(all_sent(db_path, 10))
+
+    order = [device(r.event) for r in cartrack.requests]
+    assert order in ([A] * 5 + [B] * 5, [B] * 5 + [A] * 5), order
+
+
+async def test_a_lane_in_backoff_leaves_its_slot_to_other_vehicles(
+    start: Start, cartrack: FakeCartrack, db_path: Path
+) -> None:
+    # A's second event is refused for an hour; with one slot, B must not wait for it.
+    cartrack.set_default(
+        lambda event: (
+            Response(503, headers={"Retry-After": "3600"}) if eid(event) == pid(A, 2) else None
+        )
+    )
+    client = await start(cartrack={"concurrency": 1})
+    await post_ok(client, (A, positions(1, 2, 3)), (B, positions(1, 2, 3)))
+    await wait_until(lambda: accepted_for(cartrack, B) == [pid(B, 1), pid(B, 2), pid(B, 3)])
+
+    assert accepted_for(cartrack, A) == [pid(A, 1)]
+    assert status_of(db_path)[pid(A, 2)] == "pending"
+
+
+async def test_a_lane_waiting_for_a_future_row_leaves_its_slot_to_other_vehicles(
+    start: Start, cartrack: FakeCartrack, db_path: Path
+) -> None:
+    # A's second position is an hour ahead of the clock: it is not sent before then,
+    # and with one slot B's events must not wait for it.
+    later = format_ms(int(time.time() * 1000) + 3_600_000)
+    client = await start(cartrack={"concurrency": 1})
+    await post_ok(client, (A, [*positions(1), position(later)]), (B, positions(1, 2)))
+    await wait_until(lambda: accepted_for(cartrack, B) == [pid(B, 1), pid(B, 2)])
+
+    assert accepted_for(cartrack, A) == [pid(A, 1)]
+
+
 # -- 401/403: pause, probe, resume ------------------------------------------------------------
 
 
@@ -606,7 +649,7 @@ async def test_rescan_crash_resolves_fatal_and_is_logged(
 async def test_lane_crash_resolves_fatal_and_is_logged(
     start: Start, monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, Any]]
 ) -> None:
-    async def broken(self: Outbox, vehicle_id: str, limit: int) -> list[Any]:
+    async def broken(self: Outbox, vehicle_id: str, limit: int, skip: Any = ()) -> list[Any]:
         raise RuntimeError("bug in a lane")
 
     monkeypatch.setattr(Outbox, "next_rows", broken)
@@ -631,12 +674,12 @@ async def test_storage_error_in_a_lane_is_logged_and_the_lane_restarts(
     original = Outbox.next_rows
     failures = 0
 
-    async def flaky(self: Outbox, vehicle_id: str, limit: int) -> list[Any]:
+    async def flaky(self: Outbox, vehicle_id: str, limit: int, skip: Any = ()) -> list[Any]:
         nonlocal failures
         if failures == 0:
             failures += 1
             raise sqlite3.OperationalError("database is locked")
-        return await original(self, vehicle_id, limit)
+        return await original(self, vehicle_id, limit, skip)
 
     monkeypatch.setattr(Outbox, "next_rows", flaky)
     client = await start(rescan_seconds=0.05)
