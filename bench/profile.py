@@ -49,7 +49,6 @@ CATEGORIES = (
         (
             "_insert_rows",
             "run_group",
-            "batch.py",
             "_load_states",
             "mark_sent",
             "_run_job",
@@ -61,7 +60,7 @@ CATEGORIES = (
     ("event types in the transaction", ("store_batch.<locals>.work",)),
     ("JSON for the outbox/Cartrack", ("_dumps", "with_vin", "fingerprint")),
     ("decode + validate the batch", ("decode_body", "parse_batch")),
-    ("build events, timestamps", ("build_event", "format_ms", "parse_timestamp")),
+    ("build events, timestamps", ("build_event", "format_ms", "parse_instant", "batch.py")),
     ("logging", ("structlog",)),
     ("metrics", ("metrics.py", "prometheus")),
     ("forwarder lanes + client logic", ("forwarder.py", "cartrack.py")),

@@ -49,7 +49,7 @@ class ServerConfig:
     # Both set: the webhook is served over HTTPS with this certificate chain and key.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    # "uvloop": measured up to ~18% less CPU per forwarded event (bench/README.md).
+    # "uvloop": measured 0-20% less CPU per forwarded event (bench/README.md).
     event_loop: str = "asyncio"
 
 
