@@ -488,27 +488,76 @@ async def test_concurrent_batches_share_one_commit(outbox: Outbox, db_path: Path
     ]
 
 
-async def test_a_batch_takes_a_handful_of_statements_whatever_its_size(outbox: Outbox) -> None:
+async def test_a_group_takes_a_handful_of_statements_whatever_its_size(outbox: Outbox) -> None:
     # The writer runs in its own thread, where every SQLite step hands the GIL to the
-    # busy event loop and back: one statement per row would stall it (bench.findings).
+    # busy event loop and back: one statement per row, or even per request, would
+    # stall it (bench.findings). Three requests committed together:
     seen = statements(outbox)
-    result = await store(outbox, big_batch(1200))  # 1,201 rows, a quarantined entry
-    assert result.accepted == 1201
-    assert result.quarantined == 1
+    bodies = [
+        big_batch(400),  # 401 rows (one held) and a quarantined entry
+        batch(("1111111", [position(format_ms(NOW_MS - 120_000 + s)) for s in range(300)])),
+        batch(("9876543", [position(format_ms(NOW_MS - 60_000 + s)) for s in range(400)])),
+    ]
+    results = await asyncio.gather(*(store(outbox, body) for body in bodies))
+    assert [(r.accepted, r.held, r.quarantined) for r in results] == [
+        (401, 1, 1),
+        (300, 0, 0),
+        (400, 0, 0),
+    ]
     assert [s.split(" (")[0].split(" VALUES")[0] for s in seen] == [
         "BEGIN IMMEDIATE",
         "SAVEPOINT jobs",
         "SELECT json_group_array(json_array(vehicle_id, last_ts, ignition)) FROM vehicle_state"
         " WHERE vehicle_id IN",
-        "INSERT OR IGNORE INTO positions",  # rows 1-500
+        "INSERT OR IGNORE INTO positions",  # rows 1-500 of the 1,101
         "INSERT OR IGNORE INTO positions",  # 501-1000
-        "INSERT OR IGNORE INTO positions",  # 1001-1200
-        "INSERT OR IGNORE INTO positions",  # the unmapped vehicle's row, held
+        "INSERT OR IGNORE INTO positions",  # 1001-1101
         "INSERT OR IGNORE INTO quarantine",
         "INSERT INTO vehicle_state",
         "RELEASE jobs",
         "COMMIT",
     ]
+
+
+async def test_a_resent_batch_in_a_group_is_counted_request_by_request(
+    outbox: Outbox, db_path: Path
+) -> None:
+    # Taken together, per-request counts assume every row is new; a duplicate in the
+    # group sends each request through on its own, with its own counts.
+    await store(outbox, batch(("9876543", [position(ts(1))])))
+    seen = statements(outbox)
+    first, again, other = await asyncio.gather(
+        store(outbox, batch(("9876543", [position(ts(2)), position(ts(3))]))),
+        store(outbox, batch(("9876543", [position(ts(1)), position(ts(2))]))),
+        store(outbox, batch(("1111111", [position(ts(1))]))),
+    )
+    assert (first.accepted, first.duplicates) == (2, 0)
+    assert (again.accepted, again.duplicates) == (0, 2)
+    assert (other.accepted, other.duplicates) == (1, 0)
+    assert seen.count("COMMIT") == 1
+    assert "ROLLBACK TO jobs" in seen
+    assert table(db_path, "SELECT count(*) FROM positions") == [(4,)]
+
+
+async def test_event_types_carry_across_the_requests_of_a_group(
+    outbox: Outbox, db_path: Path
+) -> None:
+    await store(outbox, batch(("1111111", [position(ts(0), ignition=False)])))
+    seen = statements(outbox)
+    await asyncio.gather(
+        store(outbox, batch(("1111111", [position(ts(1), ignition=True)]))),
+        store(outbox, batch(("1111111", [position(ts(2), ignition=True)]))),
+        store(outbox, batch(("1111111", [position(ts(3), ignition=False)]))),
+    )
+    assert seen.count("COMMIT") == 1
+    assert "ROLLBACK TO jobs" not in seen  # taken together
+    assert types(db_path, "1111111") == [
+        (ts(0), "PERIODIC"),
+        (ts(1), "IGNITION_ON"),
+        (ts(2), "PERIODIC"),
+        (ts(3), "IGNITION_OFF"),
+    ]
+    assert table(db_path, "SELECT last_ts, ignition FROM vehicle_state") == [(ts(3), 0)]
 
 
 async def test_checkpoints_run_beside_the_writer_and_keep_the_wal_small(

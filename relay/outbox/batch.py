@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from relay.mapping import ParsedBatch, Position, VehicleState, build_event, event_types
-from relay.outbox.writer import insert_rows
+from relay.outbox.writer import Uncombinable, insert_rows
 from relay.timeutil import format_ms, parse_instant
 
 _CHUNK = 500  # bound on SQL variables per statement
@@ -66,80 +66,137 @@ def fingerprint(vehicle_id: str | None, raw: Any) -> str:
 
 def batch_job(
     batch: ParsedBatch, vehicles: Mapping[str, str], provider: str, received_ms: int
-) -> Callable[[sqlite3.Connection], StoreResult]:
+) -> BatchJob:
     """The write job that stores one request's positions and quarantined input."""
-    received_at = format_ms(received_ms)
-    positions = sorted(batch.positions, key=_vehicle_then_time)
-    # Everything that does not depend on the vehicles' stored state is prepared
-    # here, on the loop, so the writer's thread holds the lock only for the SQL.
-    by_vehicle: dict[str, _VehicleRows] = {}
-    for p in positions:
-        event = build_event(p, "PERIODIC", provider, received_at)
-        group = by_vehicle.get(p.vehicle_id)
-        if group is None:
-            held = p.vehicle_id not in vehicles
-            group = by_vehicle[p.vehicle_id] = _VehicleRows(held)
-        group.moments.append((p.ts_ms, p.ignition))
-        group.events.append(event)
-        group.rows.append(
-            (
-                event["source"]["provider_event_id"],
-                p.vehicle_id,
-                p.event_ts,
-                "PERIODIC",
-                "held" if group.held else "pending",
-                p.event_ts if p.event_ts > received_at else received_at,
-                received_at,
-                received_at,
-                _dumps(event),
-                _dumps_input(p.raw),
-            )
-        )
-    quarantined = [
-        (
-            received_at,
-            r.vehicle_id,
-            r.reason,
-            _dumps_input(r.raw),
-            fingerprint(r.vehicle_id, r.raw),
-        )
-        for r in batch.rejected
-    ]
+    return BatchJob(batch, vehicles, provider, received_ms)
 
-    def work(conn: sqlite3.Connection) -> StoreResult:
-        # Runs in the writer's thread: a handful of statements whatever the batch
-        # size, because every statement hands the GIL to the event loop and back.
-        states = _load_states(conn, list(by_vehicle))
-        pending_rows: list[Sequence[Any]] = []
-        held_rows: list[Sequence[Any]] = []
-        changed: list[tuple[str, str, int, str]] = []
-        for vehicle_id, group in by_vehicle.items():
+
+class BatchJob:
+    """One request's rows, prepared on the loop; called (or combined) in the writer's thread.
+
+    Everything that does not depend on the vehicles' stored state (the events, both
+    JSON texts) is made here, on the loop, so the writer holds its lock only for the
+    SQL: read the states, decide event types, insert.
+    """
+
+    def __init__(
+        self, batch: ParsedBatch, vehicles: Mapping[str, str], provider: str, received_ms: int
+    ) -> None:
+        received_at = self.received_at = format_ms(received_ms)
+        self.positions = len(batch.positions)
+        self.rejected = len(batch.rejected)
+        self.by_vehicle: dict[str, _VehicleRows] = {}
+        for p in sorted(batch.positions, key=_vehicle_then_time):
+            event = build_event(p, "PERIODIC", provider, received_at)
+            group = self.by_vehicle.get(p.vehicle_id)
+            if group is None:
+                held = p.vehicle_id not in vehicles
+                group = self.by_vehicle[p.vehicle_id] = _VehicleRows(held)
+            group.moments.append((p.ts_ms, p.ignition))
+            group.events.append(event)
+            group.rows.append(
+                (
+                    event["source"]["provider_event_id"],
+                    p.vehicle_id,
+                    p.event_ts,
+                    "PERIODIC",
+                    "held" if group.held else "pending",
+                    p.event_ts if p.event_ts > received_at else received_at,
+                    received_at,
+                    received_at,
+                    _dumps(event),
+                    _dumps_input(p.raw),
+                )
+            )
+        self.quarantined = [
+            (
+                received_at,
+                r.vehicle_id,
+                r.reason,
+                _dumps_input(r.raw),
+                fingerprint(r.vehicle_id, r.raw),
+            )
+            for r in batch.rejected
+        ]
+
+    def __call__(self, conn: sqlite3.Connection) -> StoreResult:
+        """This request alone: its own statements and its own counts of what was new."""
+        pending, held, changed = self._typed(_load_states(conn, list(self.by_vehicle)))
+        stored_pending = insert_rows(conn, INSERT_POSITION, pending)
+        stored_held = insert_rows(conn, INSERT_POSITION, held)
+        insert_rows(conn, INSERT_QUARANTINE, self.quarantined)
+        insert_rows(conn, UPSERT_STATE, list(changed.values()))
+        return self._result(stored_pending, stored_held, pending)
+
+    @staticmethod
+    def combine(conn: sqlite3.Connection, jobs: Sequence[BatchJob]) -> list[StoreResult]:
+        """Several requests as one: one read of states, one INSERT, one UPSERT.
+
+        Every statement from the writer's thread hands the GIL to the event loop and
+        back, so a group of requests makes a handful of them, not a handful each. The
+        per-request counts assume every position is new; when one is not (a re-sent
+        batch), this raises Uncombinable and the writer runs each job on its own.
+        """
+        states = _load_states(conn, sorted({v for job in jobs for v in job.by_vehicle}))
+        rows: list[Sequence[Any]] = []
+        quarantined: list[Sequence[Any]] = []
+        changed: dict[str, tuple[str, str, int, str]] = {}
+        results = []
+        for job in jobs:  # in queue order: each sees the states the previous ones left
+            pending, held, job_changed = job._typed(states)
+            rows += pending
+            rows += held
+            quarantined += job.quarantined
+            changed.update(job_changed)
+            results.append(job._result(len(pending), len(held), pending))
+        if insert_rows(conn, INSERT_POSITION, rows) != len(rows):
+            raise Uncombinable("a position of the group is stored already")
+        insert_rows(conn, INSERT_QUARANTINE, quarantined)
+        insert_rows(conn, UPSERT_STATE, list(changed.values()))
+        return results
+
+    def _typed(
+        self, states: dict[str, VehicleState]
+    ) -> tuple[list[Sequence[Any]], list[Sequence[Any]], dict[str, tuple[str, str, int, str]]]:
+        """Rows with their event types (pending, held), and the vehicle states to store.
+
+        Updates ``states`` with this request's positions.
+        """
+        pending: list[Sequence[Any]] = []
+        held: list[Sequence[Any]] = []
+        changed: dict[str, tuple[str, str, int, str]] = {}
+        for vehicle_id, group in self.by_vehicle.items():
             state = states.get(vehicle_id)
             types, new_state = event_types(state, group.moments)
-            rows = group.rows
+            rows: Sequence[Sequence[Any]] = group.rows
             if types is not None:
                 rows = [
                     row if kind == "PERIODIC" else _retyped(row, event, kind)
                     for row, event, kind in zip(rows, group.events, types, strict=True)
                 ]
-            (held_rows if group.held else pending_rows).extend(rows)
+            (held if group.held else pending).extend(rows)
             if new_state is not state and new_state is not None:
+                states[vehicle_id] = new_state
                 last_ts = format_ms(new_state.last_ts_ms)
-                changed.append((vehicle_id, last_ts, int(new_state.ignition), received_at))
-        stored_pending = insert_rows(conn, INSERT_POSITION, pending_rows)
-        stored_held = insert_rows(conn, INSERT_POSITION, held_rows)
-        insert_rows(conn, INSERT_QUARANTINE, quarantined)
-        insert_rows(conn, UPSERT_STATE, changed)
+                changed[vehicle_id] = (
+                    vehicle_id,
+                    last_ts,
+                    int(new_state.ignition),
+                    self.received_at,
+                )
+        return pending, held, changed
+
+    def _result(
+        self, stored_pending: int, stored_held: int, pending: Sequence[Sequence[Any]]
+    ) -> StoreResult:
         accepted = stored_pending + stored_held
         return StoreResult(
             accepted=accepted,
-            duplicates=len(positions) - accepted,
+            duplicates=self.positions - accepted,
             held=stored_held,
-            quarantined=len(batch.rejected),
-            vehicles=frozenset(r[1] for r in pending_rows) if stored_pending else frozenset(),
+            quarantined=self.rejected,
+            vehicles=frozenset(r[1] for r in pending) if stored_pending else frozenset(),
         )
-
-    return work
 
 
 # Multi-row statements: "VALUES" is followed by as many row groups as there are rows

@@ -56,6 +56,10 @@ class TransactionLost(Exception):
     """SQLite rolled the whole transaction back on its own (I/O error, disk full)."""
 
 
+class Uncombinable(Exception):
+    """Raised by a ``combine`` that cannot answer for its jobs together: run them alone."""
+
+
 class GroupWriter:
     """Runs jobs on ``conn`` in group transactions, in a worker thread."""
 
@@ -149,10 +153,11 @@ def run_group(
     the rows the group changed.
 
     First all jobs in a row, under one savepoint: each statement hands the GIL over,
-    so the common case pays one savepoint per group instead of one per job. If any job
-    raises, that savepoint is rolled back and every job runs again in its own
-    savepoint, so a failing job undoes its own writes only. Jobs are functions of the
-    database, so running one twice gives the answer it would have given once.
+    so the common case pays one savepoint per group instead of one per job, and jobs
+    whose ``work`` has a ``combine`` (webhook batches) go in together through it. If
+    any job raises, that savepoint is rolled back and every job runs again alone, in
+    its own savepoint, so a failing job undoes its own writes only. Jobs are functions
+    of the database, so running one twice gives the answer it would have given once.
     """
     live = [job for job in jobs if not job.future.done()]  # done: the caller is gone
     if not live:
@@ -165,17 +170,31 @@ def run_group(
     outcomes: list[tuple[Job, Any]] = []
     try:
         conn.execute("SAVEPOINT jobs")
-        for n, job in enumerate(live):
+        n = 0
+        while n < len(live):
+            # A run of jobs of one kind that can be combined (webhook batches) goes in
+            # as one; any other job runs alone.
+            combine = getattr(live[n].work, "combine", None)
+            end = n + 1
+            while combine is not None and end < len(live):
+                if getattr(live[end].work, "combine", None) is not combine:
+                    break
+                end += 1
             try:
-                outcomes.append((job, job.work(conn)))
+                if combine is None:
+                    outcomes.append((live[n], live[n].work(conn)))
+                else:
+                    results = combine(conn, [job.work for job in live[n:end]])
+                    outcomes += zip(live[n:end], results, strict=True)
             except Exception as exc:
                 if not conn.in_transaction:
                     # SQLite rolled the whole transaction back (I/O error, disk full):
                     # the jobs so far went with it; the rest try again.
-                    return [(j, exc) for j in live[: n + 1]], live[n + 1 :], 0
+                    return [(j, exc) for j in live[:end]], live[end:], 0
                 outcomes = []
                 conn.execute("ROLLBACK TO jobs")
                 break
+            n = end
         conn.execute("RELEASE jobs")
         if not outcomes:
             for n, job in enumerate(live):
