@@ -560,6 +560,17 @@ async def test_event_types_carry_across_the_requests_of_a_group(
     assert table(db_path, "SELECT last_ts, ignition FROM vehicle_state") == [(ts(3), 0)]
 
 
+async def test_a_writer_that_cannot_run_answers_its_callers_and_the_next(
+    outbox: Outbox,
+) -> None:
+    # Not a job failing (that rolls back alone) but the group itself: here the
+    # connection is gone. Every caller gets the error instead of waiting forever.
+    outbox._conn._conn.close()
+    for _ in range(2):
+        with pytest.raises(sqlite3.ProgrammingError):
+            await asyncio.wait_for(store(outbox, batch(("9876543", [position(ts(1))]))), 10)
+
+
 async def test_checkpoints_run_beside_the_writer_and_keep_the_wal_small(
     outbox: Outbox, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

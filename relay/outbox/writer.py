@@ -124,7 +124,12 @@ class GroupWriter:
                     return True
                 jobs = list(self._queue)
                 self._queue.clear()
-            outcomes, retry, changes = run_group(conn, jobs)
+            try:
+                outcomes, retry, changes = run_group(conn, jobs)
+            except Exception as exc:  # a bug, or the connection closed under us
+                # Every caller hears of it; a thread that died here would leave
+                # them, and every later write, waiting forever.
+                outcomes, retry, changes = [(job, exc) for job in jobs], [], 0
             if retry:
                 with self._queue_lock:
                     self._queue.extendleft(reversed(retry))
