@@ -8,7 +8,6 @@ has to know about HTTP status codes or aiohttp exceptions.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import enum
 import math
@@ -209,9 +208,9 @@ class CartrackClient:
                 status = response.status
                 if 200 <= status <= 299 or status == 409:
                     # Accepted (classify's SENT), the common case kept short: nothing
-                    # of the answer is kept, but its body is read, bounded, so the
+                    # of the answer is kept, but its body is read (bounded) so the
                     # connection is reused.
-                    await self._discard_body(response)
+                    await _read_bounded(response)
                     return Outcome(Verdict.SENT, status, "", None, time.monotonic() - started)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock())
                 if 300 <= status <= 399:
@@ -237,39 +236,9 @@ class CartrackClient:
             elapsed=time.monotonic() - started,
         )
 
-    @staticmethod
-    async def _discard_body(response: aiohttp.ClientResponse) -> None:
-        # As in _read_detail: up to _READ_LIMIT (a longer body closes the connection
-        # rather than being read), and a body that breaks off does not undo the
-        # acceptance the status already said.
-        content = response.content
-        size = 0
-        with contextlib.suppress(aiohttp.ClientError):
-            while size < _READ_LIMIT and not content.at_eof():
-                chunk = await content.read(_READ_LIMIT - size)
-                if not chunk:
-                    break
-                size += len(chunk)
-
     async def _read_detail(self, response: aiohttp.ClientResponse) -> str:
-        # The status is already known and decides the verdict; a body that
-        # breaks off must not turn an accepted (2xx) event into a retry or a
-        # rejection into a transient error. Timeouts are left to the caller:
-        # after the total timeout the connection is unusable anyway.
-        chunks: list[bytes] = []
-        size = 0
-        note = ""
-        try:
-            # StreamReader.read(n) may return less than n before EOF.
-            while size < _READ_LIMIT:
-                chunk = await response.content.read(_READ_LIMIT - size)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-        except aiohttp.ClientError as exc:
-            note = f" [body read failed: {type(exc).__name__}]"
-        text = self._redact(b"".join(chunks).decode("utf-8", errors="replace"))
+        body, note = await _read_bounded(response)
+        text = self._redact(body.decode("utf-8", errors="replace"))
         if note:
             return text[: DETAIL_LIMIT - len(note)] + note
         return text[:DETAIL_LIMIT]
@@ -290,3 +259,27 @@ class CartrackClient:
         if self._api_key and self._api_key in text:
             return text.replace(self._api_key, _REDACTED)
         return text
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> tuple[bytes, str]:
+    """Up to _READ_LIMIT bytes of the body, and a note if reading it broke off.
+
+    The status is already known and decides the verdict; a body that breaks off must
+    not turn an accepted (2xx) event into a retry or a rejection into a transient
+    error. A longer body is left unread (the connection is then closed, not reused).
+    Timeouts are left to the caller: after the total timeout the connection is
+    unusable anyway.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        # StreamReader.read(n) may return less than n before EOF.
+        while size < _READ_LIMIT:
+            chunk = await response.content.read(_READ_LIMIT - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except aiohttp.ClientError as exc:
+        return b"".join(chunks), f" [body read failed: {type(exc).__name__}]"
+    return b"".join(chunks), ""

@@ -357,7 +357,12 @@ def event_types(
 
 
 def provider_event_id(provider: str, vehicle_id: str, ts_ms: int) -> str:
-    return f"{provider}:{vehicle_id}:{format_ms(ts_ms)}"
+    return event_id(provider, vehicle_id, format_ms(ts_ms))
+
+
+def event_id(provider: str, vehicle_id: str, event_ts: str) -> str:
+    """provider_event_id from the instant's canonical text (formatting it costs)."""
+    return f"{provider}:{vehicle_id}:{event_ts}"
 
 
 def build_event(
@@ -374,8 +379,7 @@ def build_event(
         "source": {
             "provider": provider,
             "device_id": position.vehicle_id,
-            # provider_event_id(), from the text already made: formatting again costs.
-            "provider_event_id": f"{provider}:{position.vehicle_id}:{position.event_ts}",
+            "provider_event_id": event_id(provider, position.vehicle_id, position.event_ts),
             "provider_received_ts": received_at,
         },
         "position": {"latitude": position.latitude, "longitude": position.longitude},

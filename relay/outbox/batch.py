@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from relay.mapping import ParsedBatch, Position, VehicleState, build_event, event_types
-from relay.outbox.writer import Uncombinable, insert_rows
+from relay.outbox.writer import Uncombinable, chunks, insert_rows
 from relay.timeutil import format_ms, parse_instant
 
 _CHUNK = 500  # bound on SQL variables per statement
@@ -240,8 +240,7 @@ def _retyped(row: tuple[Any, ...], event: dict[str, Any], event_type: str) -> tu
 def _load_states(conn: sqlite3.Connection, vehicle_ids: Sequence[str]) -> dict[str, VehicleState]:
     # One row for all vehicles (a JSON array): one SQLite step, one GIL handoff.
     states: dict[str, VehicleState] = {}
-    for start in range(0, len(vehicle_ids), _CHUNK):
-        chunk = vehicle_ids[start : start + _CHUNK]
+    for chunk in chunks(vehicle_ids, _CHUNK):
         marks = ",".join("?" * len(chunk))
         (found,) = conn.execute(
             "SELECT json_group_array(json_array(vehicle_id, last_ts, ignition))"

@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 
@@ -32,10 +32,9 @@ from relay.outbox.schema import (
     OutboxError,
     connect,
 )
-from relay.outbox.writer import WRITER_AUTOCHECKPOINT_PAGES, GroupWriter
+from relay.outbox.writer import WRITER_AUTOCHECKPOINT_PAGES, GroupWriter, chunks
 from relay.timeutil import Clock, format_ms, system_clock
 
-T = TypeVar("T")
 _CHUNK = 500  # bound on SQL variables per statement
 WRITER_CACHE_KIB = 32 * 1024
 
@@ -157,8 +156,6 @@ class Outbox:
         if free < self.min_free_bytes:
             raise LowDiskSpace(self.path, free, self.min_free_bytes)
 
-    # -- group commit ------------------------------------------------------------------
-
     # -- ingest ------------------------------------------------------------------------
 
     async def store_batch(
@@ -209,7 +206,7 @@ class Outbox:
             # 8-40 us, the less the more rows of one vehicle share pages), which then
             # runs beside the event loop instead of on it.
             for status, ids in by_status.items():
-                for chunk in _chunks(ids, _CHUNK):
+                for chunk in chunks(ids, _CHUNK):
                     conn.execute(
                         "UPDATE positions SET status = 'sent', sent_at = ?, updated_at = ?,"
                         " attempts = attempts + 1, last_status = ?, last_error = NULL"
@@ -253,7 +250,7 @@ class Outbox:
 
         def work(conn: sqlite3.Connection) -> dict[str, int]:
             released: dict[str, int] = {}
-            for chunk in _chunks(ids, _CHUNK):
+            for chunk in chunks(ids, _CHUNK):
                 marks = ",".join("?" * len(chunk))
                 for vid, n in conn.execute(
                     f"SELECT vehicle_id, count(*) FROM positions WHERE status = 'held'"
@@ -330,8 +327,3 @@ def _not_in(count: int) -> str:
 
 def _noop(conn: sqlite3.Connection) -> None:
     return None
-
-
-def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

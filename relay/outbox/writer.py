@@ -278,9 +278,13 @@ def insert_rows(conn: sqlite3.Connection, template: str, rows: Sequence[Sequence
         return 0
     before = conn.total_changes
     width = len(rows[0])
-    for start in range(0, len(rows), ROWS_PER_STATEMENT):
-        chunk = rows[start : start + ROWS_PER_STATEMENT]
+    for chunk in chunks(rows, ROWS_PER_STATEMENT):
         conn.execute(
             _statement(template, width, len(chunk)), list(itertools.chain.from_iterable(chunk))
         )
     return conn.total_changes - before
+
+
+def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
