@@ -68,6 +68,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     late = 0
     next_index = 0
     started = time.perf_counter()
+    cpu_started = time.process_time()
     deadline = started + args.duration
 
     async def sender() -> None:
@@ -108,12 +109,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
     await asyncio.gather(*(sender() for _ in range(args.senders)))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     return {
         "requests": len(latencies),
         "positions": acked,
         "errors": errors,
         "late": late,
         "elapsed": elapsed,
+        # The generator's own CPU while sending (it shares the cores with the relay).
+        "cpu_s": cpu,
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
         "max_ms": max(latencies, default=float("nan")) * 1000,

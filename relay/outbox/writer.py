@@ -276,12 +276,16 @@ def insert_rows(conn: sqlite3.Connection, template: str, rows: Sequence[Sequence
     """
     if not rows:
         return 0
+    return insert_flat(conn, template, len(rows[0]), list(itertools.chain.from_iterable(rows)))
+
+
+def insert_flat(conn: sqlite3.Connection, template: str, width: int, values: list[Any]) -> int:
+    """insert_rows for rows laid end to end, ``width`` values each (made off the writer)."""
     before = conn.total_changes
-    width = len(rows[0])
-    for chunk in chunks(rows, ROWS_PER_STATEMENT):
-        conn.execute(
-            _statement(template, width, len(chunk)), list(itertools.chain.from_iterable(chunk))
-        )
+    step = ROWS_PER_STATEMENT * width
+    for start in range(0, len(values), step):
+        chunk = values[start : start + step]
+        conn.execute(_statement(template, width, len(chunk) // width), chunk)
     return conn.total_changes - before
 
 
