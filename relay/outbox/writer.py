@@ -157,12 +157,12 @@ def run_group(
     loop), the jobs to queue again because SQLite lost the transaction before them, and
     the rows the group changed.
 
-    First all jobs in a row, under one savepoint: each statement hands the GIL over,
-    so the common case pays one savepoint per group instead of one per job, and jobs
-    whose ``work`` has a ``combine`` (webhook batches) go in together through it. If
-    any job raises, that savepoint is rolled back and every job runs again alone, in
-    its own savepoint, so a failing job undoes its own writes only. Jobs are functions
-    of the database, so running one twice gives the answer it would have given once.
+    First all jobs in a row: each statement hands the GIL over, so the common case
+    pays no savepoint at all, and jobs whose ``work`` has a ``combine`` (webhook
+    batches) go in together through it. If any job raises, the transaction is rolled
+    back and begun again, and every job runs alone in its own savepoint, so a failing
+    job undoes its own writes only. Jobs are functions of the database, so running one
+    twice gives the answer it would have given once.
     """
     live = [job for job in jobs if not job.future.done()]  # done: the caller is gone
     if not live:
@@ -174,7 +174,6 @@ def run_group(
         return [(job, exc) for job in live], [], 0
     outcomes: list[tuple[Job, Any]] = []
     try:
-        conn.execute("SAVEPOINT jobs")
         n = 0
         while n < len(live):
             # A run of jobs of one kind that can be combined (webhook batches) goes in
@@ -197,11 +196,13 @@ def run_group(
                     # the jobs so far went with it; the rest try again.
                     return [(j, exc) for j in live[:end]], live[end:], 0
                 outcomes = []
-                conn.execute("ROLLBACK TO jobs")
                 break
             n = end
-        conn.execute("RELEASE jobs")
         if not outcomes:
+            # Rare (a re-sent batch, a job's own error): start over, one
+            # savepoint per job. A BEGIN that fails now answers every job below.
+            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
             for n, job in enumerate(live):
                 outcome = run_job(conn, job.work)
                 if isinstance(outcome, TransactionLost):
