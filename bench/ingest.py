@@ -4,8 +4,9 @@ The relay runs as ``serve`` in its own process, the senders in another. Its vehi
 are unmapped, so every row is stored ``held`` and the forwarder stays idle: this
 measures the webhook path alone. The ceiling is plain ``sqlite3`` inserting the same
 rows (same schema, same indexes, same payloads) in batches of 100 with WAL and
-``synchronous=FULL`` on the same disk; it runs before and after the relay and the
-ratio uses the mean, so drift on a shared machine shows up instead of hiding.
+``synchronous=FULL`` on the same disk. Ceiling and relay runs alternate for a few
+rounds and the table gives medians, with every run printed below it, so drift on a
+shared machine shows up instead of deciding the ratio.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,9 +59,9 @@ def ceiling(directory: Path, rows: list[tuple[Any, ...]], per_txn: int) -> float
 
 
 def relay_run(
-    directory: Path, senders: int, batches: int, base_ms: int, event_loop: str
+    directory: Path, senders: int, batches: int, base_ms: int, event_loop: str, round_no: int = 1
 ) -> dict[str, Any]:
-    run_dir = directory / f"relay-{senders}-{event_loop}"
+    run_dir = directory / f"relay-{senders}-{event_loop}-{round_no}"
     run_dir.mkdir()
     db = run_dir / "outbox.sqlite3"
     # No Cartrack traffic: the URL is never used because no vehicle is mapped.
@@ -100,57 +102,70 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=20 if QUICK else 1500)
     p.add_argument("--senders", type=int, nargs="+", default=[8, 32])
     p.add_argument("--event-loops", nargs="+", default=["asyncio", "uvloop"])
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1 if QUICK else 3,
+        help="interleaved rounds of ceiling and relay runs; the table gives medians",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
-    print_header(f"ingest: {args.batches} requests of 100 positions per run")
+    print_header(
+        f"ingest: {args.batches} requests of 100 positions per run, {args.rounds} round(s)"
+    )
     base_ms = int(time.time() * 1000) - 20 * 86_400_000
     received_ms = int(time.time() * 1000)
     rows: list[tuple[Any, ...]] = []
     for b in range(args.batches):
         rows += outbox_rows(positions_body(b, base_ms, FLEET), received_ms, "held")
     results: dict[str, Any] = {"load_before": loadavg()}
+    ceilings: list[float] = []
+    runs: dict[str, list[dict[str, Any]]] = {}
     with workdir("ingest") as directory:
-        progress("ceiling: sqlite3 batch 100, synchronous=FULL")
-        first = ceiling(directory, rows, 100)
-        runs = {}
-        for senders in args.senders:
-            for loop in args.event_loops:
-                progress(f"relay: {senders} senders, {loop}")
-                runs[f"{senders} senders, {loop}"] = relay_run(
-                    directory, senders, args.batches, base_ms, loop
-                )
-        progress("ceiling again, then batch 1000")
-        second = ceiling(directory, rows, 100)
+        # Round after round, the ceiling beside the relay runs: the machine drifts by
+        # tens of percent within minutes, and a median of interleaved runs does not.
+        for n in range(1, args.rounds + 1):
+            progress(f"round {n}: ceiling, sqlite3 batch 100, synchronous=FULL")
+            ceilings.append(ceiling(directory, rows, 100))
+            for senders in args.senders:
+                for loop in args.event_loops:
+                    progress(f"round {n}: relay, {senders} senders, {loop}")
+                    runs.setdefault(f"{senders} senders, {loop}", []).append(
+                        relay_run(directory, senders, args.batches, base_ms, loop, n)
+                    )
+        progress("ceiling once more, then batch 1000")
+        ceilings.append(ceiling(directory, rows, 100))
         big = ceiling(directory, rows, 1000)
-    ceiling_100 = (first + second) / 2
-    results.update(
-        ceiling_100=[first, second],
-        ceiling_1000=big,
-        runs=runs,
-        load_after=loadavg(),
-    )
+    ceiling_100 = statistics.median(ceilings)
+    results.update(ceiling_100=ceilings, ceiling_1000=big, runs=runs, load_after=loadavg())
     table = [
         ["sqlite3 batch 100, FULL (ceiling)", ceiling_100, "", "", "", 1.0],
         ["sqlite3 batch 1000, FULL", big, "", "", "", big / ceiling_100],
     ]
-    for name, r in runs.items():
+    for name, rs in runs.items():
+        rate = statistics.median(r["rate"] for r in rs)
         table.append(
             [
                 f"relay, {name}",
-                r["rate"],
-                r["p50_ms"],
-                r["p99_ms"],
-                r["cpu_ms_per_1000"],
-                r["rate"] / ceiling_100,
+                rate,
+                statistics.median(r["p50_ms"] for r in rs),
+                statistics.median(r["p99_ms"] for r in rs),
+                statistics.median(r["cpu_ms_per_1000"] for r in rs),
+                rate / ceiling_100,
             ]
         )
     print_table(
         ["ingest", "positions/s", "ack p50 ms", "ack p99 ms", "relay CPU ms/1000", "x ceiling"],
         table,
     )
+    every = "; ".join(
+        f"{name}: " + ", ".join(f"{r['rate']:,.0f}" for r in rs) for name, rs in runs.items()
+    )
     print(
-        f"ceiling runs: {first:,.0f} and {second:,.0f} rows/s;"
-        f" errors: {sum(r['errors'] for r in runs.values())};"
+        "medians of the runs; ceiling runs (rows/s): "
+        + ", ".join(f"{c:,.0f}" for c in ceilings)
+        + f"; relay runs (positions/s): {every};"
+        f" errors: {sum(r['errors'] for rs in runs.values() for r in rs)};"
         f" load {results['load_before']} -> {results['load_after']}"
     )
     if args.json:

@@ -33,7 +33,7 @@ def is_number(cell: str) -> bool:
 
 
 def test_ingest_prints_relay_and_ceiling(capsys: pytest.CaptureFixture[str]) -> None:
-    assert ingest.main(["--batches", "4", "--senders", "2"]) == 0
+    assert ingest.main(["--batches", "4", "--senders", "2", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     ceiling = row(out, "sqlite3 batch 100, FULL (ceiling)")
     assert is_number(ceiling[0])
