@@ -7,6 +7,7 @@ gets, and exactly which keys an event carries (the spec's keys, no others).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -397,6 +398,12 @@ def build_event(
     return event
 
 
+@functools.lru_cache(maxsize=4096)
+def _vin_json(vin: str) -> str:
+    # Once per VIN, not per event: a fleet has a few thousand at most.
+    return json.dumps(vin, ensure_ascii=False)
+
+
 def with_vin(payload: str, vin: str) -> bytes:
     """The request body for a stored payload: chassis_number goes in at send time."""
     if (
@@ -410,9 +417,7 @@ def with_vin(payload: str, vin: str) -> bytes:
         # the key goes in as text, where decoding and encoding it again would put it:
         # the same bytes, a tenth of the time (a few us per event on the send path).
         # Anything else (spaced JSON, a chassis_number already there) takes the long way.
-        return (
-            payload[:-1] + ',"chassis_number":' + json.dumps(vin, ensure_ascii=False) + "}"
-        ).encode()
+        return (payload[:-1] + ',"chassis_number":' + _vin_json(vin) + "}").encode()
     event = json.loads(payload)
     event["chassis_number"] = vin
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()

@@ -73,7 +73,9 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: the forwarder makes one per row it sends, and a frozen dataclass's
+# __init__ sets each field through object.__setattr__ (0.9 us a row, a third of next_rows).
+@dataclass(slots=True)
 class OutboxRow:
     id: int
     vehicle_id: str
