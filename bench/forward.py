@@ -4,8 +4,9 @@ The relay (``serve`` in its own process) starts on an outbox holding the backlog
 sends it to the lean stand-in (bench/standin.py); the clock runs from the first
 request the stand-in sees until the last row reads ``sent`` in the outbox, so marking
 rows sent is included. The ceiling is a bare aiohttp client (bench/fwdclient.py)
-posting the same events to the same stand-in at the same concurrency, measured
-before and after the relay; the ratio uses the mean.
+posting the same events to the same stand-in at the same concurrency. Ceiling and
+relay runs alternate for a few rounds, and the table gives medians with every run
+printed below it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -114,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=500 if QUICK else 50_000)
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     p.add_argument("--event-loops", nargs="+", default=["asyncio", "uvloop"])
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1 if QUICK else 2,
+        help="interleaved rounds of ceiling and relay runs; the table gives medians",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
-    print_header(f"forward: drain {args.events:,} pending events")
+    print_header(f"forward: drain {args.events:,} pending events, {args.rounds} round(s)")
     results: dict[str, Any] = {"load_before": loadavg(), "runs": {}}
     table = []
     with workdir("forward") as directory:
@@ -124,46 +132,57 @@ def main(argv: list[str] | None = None) -> int:
         template = directory / "backlog.sqlite3"
         build_backlog(template, args.events, args.events, FLEET)
         for c in args.concurrency:
-            progress(f"ceiling, concurrency {c}")
-            before, cpu_before = ceiling(template, c, FLEET)
-            relays = {}
-            for loop in args.event_loops:
-                progress(f"relay, concurrency {c}, {loop}")
-                run_dir = directory / f"relay-{c}-{loop}"
-                run_dir.mkdir()
-                db = run_dir / "outbox.sqlite3"
-                shutil.copy(template, db)
-                relays[loop] = drain(run_dir, db, c, FLEET, loop)
-                del relays[loop]["times"]
-            progress(f"ceiling again, concurrency {c}")
-            after, cpu_after = ceiling(template, c, FLEET)
-            mean = (before + after) / 2
-            results["runs"][c] = {"ceiling": [before, after], "relay": relays}
+            # The ceiling before, between and after the relay's runs: the machine drifts
+            # by tens of percent within minutes, and a median of interleaved runs does not.
+            ceilings: list[tuple[float, float]] = []
+            relays: dict[str, list[dict[str, Any]]] = {loop: [] for loop in args.event_loops}
+            for n in range(1, args.rounds + 1):
+                progress(f"round {n}: ceiling, concurrency {c}")
+                ceilings.append(ceiling(template, c, FLEET))
+                for loop in args.event_loops:
+                    progress(f"round {n}: relay, concurrency {c}, {loop}")
+                    run_dir = directory / f"relay-{c}-{loop}-{n}"
+                    run_dir.mkdir()
+                    db = run_dir / "outbox.sqlite3"
+                    shutil.copy(template, db)
+                    r = drain(run_dir, db, c, FLEET, loop)
+                    del r["times"]
+                    relays[loop].append(r)
+                    shutil.rmtree(run_dir)
+            progress(f"ceiling once more, concurrency {c}")
+            ceilings.append(ceiling(template, c, FLEET))
+            bare = statistics.median(rate for rate, _ in ceilings)
+            results["runs"][c] = {"ceiling": ceilings, "relay": relays}
             table.append(
                 [
                     f"bare aiohttp client, concurrency {c} (ceiling)",
-                    mean,
-                    (cpu_before + cpu_after) / 2,
+                    bare,
+                    statistics.median(cpu for _, cpu in ceilings),
                     1.0,
                 ]
             )
-            for loop, r in relays.items():
+            for loop, rs in relays.items():
+                rate = statistics.median(r["rate"] for r in rs)
                 table.append(
                     [
                         f"relay, concurrency {c}, {loop}",
-                        r["rate"],
-                        r["cpu_s"] * 1000 / r["events"] * 1000,
-                        r["rate"] / mean,
+                        rate,
+                        statistics.median(r["cpu_s"] * 1e6 / r["events"] for r in rs),
+                        rate / bare,
                     ]
                 )
     results["load_after"] = loadavg()
     print_table(["forward", "events/s", "CPU ms/1000 events", "x ceiling"], table)
+    runs = []
+    for c, v in results["runs"].items():
+        runs.append(f"c={c} ceiling " + ", ".join(f"{rate:,.0f}" for rate, _ in v["ceiling"]))
+        runs += [
+            f"c={c} {loop} " + ", ".join(f"{r['rate']:,.0f}" for r in rs)
+            for loop, rs in v["relay"].items()
+        ]
     print(
-        "ceiling runs: "
-        + "; ".join(
-            f"c={c}: {v['ceiling'][0]:,.0f} and {v['ceiling'][1]:,.0f}"
-            for c, v in results["runs"].items()
-        )
+        "medians of the runs; every run (events/s): "
+        + "; ".join(runs)
         + f"; load {results['load_before']} -> {results['load_after']}"
     )
     if args.json:
