@@ -1,61 +1,25 @@
-"""The texts a webhook batch stores: written fast, and the same as encoding the event."""
+"""What a webhook batch stores: retyped payloads, and event types the short way."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.mapping import ParsedBatch, Position, VehicleState, build_event
-from relay.outbox.batch import BatchJob, _dumps, _retyped, event_texts
+from relay.outbox.batch import BatchJob, _dumps, _retyped
 from relay.timeutil import format_ms
 
 RECEIVED = "2026-11-22T10:00:00.000Z"
-finite = st.floats(allow_nan=False, allow_infinity=False)
-# Vehicle ids and providers reach the JSON text: quotes, backslashes, %, control
-# characters, non-ASCII and lone surrogates (orjson refuses those; _dumps falls back).
-texts = st.text(st.characters(codec=None), min_size=1, max_size=12)
-
-
-@st.composite
-def runs(draw: st.DrawFn) -> list[Position]:
-    vehicle_id = draw(texts)
-    moments = draw(st.lists(st.integers(0, 4_000_000_000_000), min_size=1, max_size=5))
-    return [
-        Position(
-            vehicle_id,
-            ts_ms,
-            format_ms(ts_ms),
-            draw(finite),
-            draw(finite),
-            draw(finite),
-            draw(st.booleans()),
-            draw(st.none() | finite),
-            {},
-        )
-        for ts_ms in moments
-    ]
-
-
-@settings(max_examples=400, derandomize=True, database=None)
-@given(run=runs(), provider=texts)
-@example(
-    run=[Position('V"\\%s\n', 0, format_ms(0), 1e-05, -0.0, 1e300, True, 5e-324, {})],
-    provider="fr%o",
-)
-@example(run=[Position("\ud800", 0, format_ms(0), 1.0, 2.0, 3.0, False, None, {})], provider="f")
-def test_event_texts_are_the_encoded_events(run: list[Position], provider: str) -> None:
-    expected = [_dumps(build_event(p, "PERIODIC", provider, RECEIVED)) for p in run]
-    assert event_texts(run, provider, RECEIVED) == expected
 
 
 @pytest.mark.parametrize("kind", ["IGNITION_ON", "IGNITION_OFF"])
 @pytest.mark.parametrize("odometer", [None, 45231.4])
 def test_retyped_payload_is_the_encoded_retyped_event(kind: str, odometer: float | None) -> None:
     p = Position("V1", 0, format_ms(0), 41.5, 2.25, 50.0, True, odometer, {"x": 1})
-    (payload,) = event_texts([p], "frotcom", RECEIVED)
+    payload = _dumps(build_event(p, "PERIODIC", "frotcom", RECEIVED))
     row = ("id", "V1", p.event_ts, "PERIODIC", "pending", "n", "r", "u", payload, "{}")
     retyped = _retyped(row, kind)
     assert retyped[8] == _dumps(build_event(p, kind, "frotcom", RECEIVED))
