@@ -36,6 +36,7 @@ from yarl import URL
 from relay.app import create_app, reload_vehicles
 from relay.cli import EXIT_RUNTIME, CliError
 from relay.config import Config, ConfigError, ServerConfig, load_config
+from relay.heap import tune_malloc
 from relay.logging import register_secrets
 from relay.sdnotify import notify, reloading_message, watchdog, watchdog_interval
 from relay.state import STATE
@@ -69,6 +70,10 @@ def run(config: Config) -> int:
     # alternating: 0.5 ms 30-32k / 31-35k positions/s; 50 us 36-44k / 40-47k with a
     # lower ack p99; 20 us about the same as 50. Forwarding: no difference measured.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    # Before the loop allocates its first socket buffer (relay/heap.py).
+    not_tuned = tune_malloc()
+    if not_tuned is not None:
+        log.info("malloc_defaults_kept", reason=not_tuned)
     with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
         return runner.run(serve(config))
 
