@@ -7,6 +7,7 @@ holds even when the shared machine's absolute speed drifts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -37,6 +38,18 @@ INSERT_SQL = (
     " event_type, status, next_attempt_at, received_at, updated_at, payload, source)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+def add_comparison_options(p: argparse.ArgumentParser, rounds: int) -> None:
+    """Options of the benches that hold the relay against a ceiling run beside it."""
+    p.add_argument("--event-loops", nargs="+", default=["asyncio", "uvloop"])
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1 if QUICK else rounds,
+        help="interleaved rounds of ceiling and relay runs; the table gives medians",
+    )
+    p.add_argument("--json", type=Path, help="also write the figures here")
 
 
 def progress(message: str) -> None:

@@ -24,6 +24,7 @@ from bench.common import (
     QUICK,
     Relay,
     StandIn,
+    add_comparison_options,
     build_backlog,
     cpu_seconds,
     fleet,
@@ -115,14 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--events", type=int, default=500 if QUICK else 50_000)
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--event-loops", nargs="+", default=["asyncio", "uvloop"])
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=1 if QUICK else 2,
-        help="interleaved rounds of ceiling and relay runs; the table gives medians",
-    )
-    p.add_argument("--json", type=Path, help="also write the figures here")
+    add_comparison_options(p, rounds=2)
     args = p.parse_args(argv)
     print_header(f"forward: drain {args.events:,} pending events, {args.rounds} round(s)")
     results: dict[str, Any] = {"load_before": loadavg(), "runs": {}}

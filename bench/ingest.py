@@ -24,6 +24,7 @@ from bench.common import (
     INSERT_SQL,
     QUICK,
     Relay,
+    add_comparison_options,
     cpu_seconds,
     loadavg,
     outbox_rows,
@@ -101,14 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batches", type=int, default=20 if QUICK else 1500)
     p.add_argument("--senders", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--event-loops", nargs="+", default=["asyncio", "uvloop"])
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=1 if QUICK else 3,
-        help="interleaved rounds of ceiling and relay runs; the table gives medians",
-    )
-    p.add_argument("--json", type=Path, help="also write the figures here")
+    add_comparison_options(p, rounds=3)
     args = p.parse_args(argv)
     print_header(
         f"ingest: {args.batches} requests of 100 positions per run, {args.rounds} round(s)"
