@@ -426,6 +426,25 @@ class Relay:
         self.stop()
 
 
+def loadgen_args(
+    url: str,
+    senders: int,
+    batches: int,
+    base_ms: int,
+    duration: float,
+    fleet_size: int | None = None,
+    rate: float | None = None,
+) -> list[str]:
+    """The arguments of a ``bench.loadgen`` run, for ``sys.executable``."""
+    args = ["-m", "bench.loadgen", "--url", url, "--senders", str(senders)]
+    args += ["--batches", str(batches), "--base-ms", str(base_ms), "--duration", str(duration)]
+    if fleet_size is not None:
+        args += ["--fleet", str(fleet_size)]
+    if rate is not None:
+        args += ["--rate", str(rate)]
+    return args
+
+
 def run_json(args: Sequence[str], timeout: float) -> dict[str, Any]:
     """Run a helper process (a load generator) and parse the JSON it prints last."""
     out = subprocess.run(

@@ -27,6 +27,7 @@ from bench.common import (
     add_comparison_options,
     cpu_seconds,
     loadavg,
+    loadgen_args,
     outbox_rows,
     positions_body,
     print_header,
@@ -70,22 +71,7 @@ def relay_run(
     with relay:
         cpu0 = cpu_seconds(relay.pid)
         result = run_json(
-            [
-                "-m",
-                "bench.loadgen",
-                "--url",
-                relay.url,
-                "--senders",
-                str(senders),
-                "--batches",
-                str(batches),
-                "--fleet",
-                str(FLEET),
-                "--base-ms",
-                str(base_ms),
-                "--duration",
-                "90",
-            ],
+            loadgen_args(relay.url, senders, batches, base_ms, 90, fleet_size=FLEET),
             timeout=300,
         )
         result["cpu_s"] = cpu_seconds(relay.pid) - cpu0

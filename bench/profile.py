@@ -16,7 +16,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.common import ROOT, Relay, StandIn, build_backlog, fleet, progress, workdir
+from bench.common import (
+    ROOT,
+    Relay,
+    StandIn,
+    build_backlog,
+    fleet,
+    loadgen_args,
+    progress,
+    workdir,
+)
 
 
 def record(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
@@ -126,18 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(
                     [
                         sys.executable,
-                        "-m",
-                        "bench.loadgen",
-                        "--url",
-                        relay.url,
-                        "--senders",
-                        str(args.senders),
-                        "--batches",
-                        "3000",
-                        "--duration",
-                        str(args.seconds),
-                        "--base-ms",
-                        str(int(time.time() * 1000) - 86_400_000),
+                        *loadgen_args(
+                            relay.url,
+                            args.senders,
+                            3000,
+                            int(time.time() * 1000) - 86_400_000,
+                            args.seconds,
+                        ),
                     ],
                     cwd=ROOT,
                     check=True,
