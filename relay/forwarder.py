@@ -26,7 +26,6 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 
 import structlog
 
@@ -36,7 +35,7 @@ from relay.mapping import with_vin
 from relay.metrics import RelayMetrics
 from relay.outbox.storage import Outbox, OutboxRow
 from relay.repeats import RepeatLog, RepeatSummariser
-from relay.timeutil import Clock, format_ms, parse_timestamp, system_clock
+from relay.timeutil import Clock, format_ms, parse_instant, system_clock
 
 log = structlog.get_logger("relay.forwarder")
 
@@ -522,16 +521,12 @@ class Forwarder:
 
 
 def _due_seconds(next_attempt_at: str) -> float:
-    """Epoch seconds of a row's next_attempt_at (read for every row sent)."""
-    text = next_attempt_at
-    # The outbox writes it in format_ms's form, which fromisoformat reads in a seventh
-    # of parse_timestamp's time (measured 0.3 vs 2.2 us), to the same float.
-    if len(text) == 24 and text[10] == "T" and text[19] == "." and text[23] == "Z":
-        try:
-            return datetime.fromisoformat(text).timestamp()
-        except ValueError:
-            pass  # parse_timestamp says what is wrong with it
-    return parse_timestamp(text) / 1000
+    """Epoch seconds of a row's next_attempt_at (read for every row sent).
+
+    The outbox writes it in its canonical form, which parse_instant reads with
+    fromisoformat instead of parse_timestamp's general path (2.2 us).
+    """
+    return parse_instant(next_attempt_at)[0] / 1000
 
 
 def _describe(outcome: Outcome) -> str:
