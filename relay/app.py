@@ -13,7 +13,6 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 
@@ -77,43 +76,42 @@ def create_app(
         released = await outbox.release_held(state.vehicles)
         if released:
             log.info("held_released", vehicles=len(released), rows=sum(released.values()))
-        connector = aiohttp.TCPConnector(limit=config.cartrack.concurrency)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            client = CartrackClient(
-                session,
-                config.cartrack.url,
-                config.cartrack.api_key,
-                config.cartrack.timeout_seconds,
-                clock=clock,
-                on_response=state.metrics.cartrack_response,
-            )
-            forwarder = Forwarder(
-                outbox,
-                client,
-                state.vehicles,
-                config.retry,
-                config.cartrack.concurrency,
-                clock=clock,
-                rand=rand,
-                rescan_seconds=rescan_seconds,
-                metrics=state.metrics,
-            )
-            state.forwarder = forwarder
-            state.forwarder_task = supervise(app, forwarder.run(), "forwarder")
-            summaries = supervise(app, summary_loop(forwarder), "failure-summaries")
-            try:
-                yield
-            finally:
-                await forwarder.stop()
-                summaries.cancel()
-                await asyncio.gather(summaries, return_exceptions=True)
-                timeout = config.server.shutdown_timeout_seconds
-                if state.stopping_since is not None:
-                    elapsed = asyncio.get_running_loop().time() - state.stopping_since
-                    timeout = max(0.0, timeout - elapsed)
-                await _bounded(state.forwarder_task, timeout)
-                forwarder.failures.flush(force=True)  # no count of repeats goes unsaid
-                log.info("forwarder_stopped", **dict(forwarder.stats))
+        client = CartrackClient(
+            config.cartrack.url,
+            config.cartrack.api_key,
+            config.cartrack.timeout_seconds,
+            concurrency=config.cartrack.concurrency,
+            clock=clock,
+            on_response=state.metrics.cartrack_response,
+        )
+        forwarder = Forwarder(
+            outbox,
+            client,
+            state.vehicles,
+            config.retry,
+            config.cartrack.concurrency,
+            clock=clock,
+            rand=rand,
+            rescan_seconds=rescan_seconds,
+            metrics=state.metrics,
+        )
+        state.forwarder = forwarder
+        state.forwarder_task = supervise(app, forwarder.run(), "forwarder")
+        summaries = supervise(app, summary_loop(forwarder), "failure-summaries")
+        try:
+            yield
+        finally:
+            await forwarder.stop()
+            summaries.cancel()
+            await asyncio.gather(summaries, return_exceptions=True)
+            timeout = config.server.shutdown_timeout_seconds
+            if state.stopping_since is not None:
+                elapsed = asyncio.get_running_loop().time() - state.stopping_since
+                timeout = max(0.0, timeout - elapsed)
+            await _bounded(state.forwarder_task, timeout)
+            forwarder.failures.flush(force=True)  # no count of repeats goes unsaid
+            await client.close()
+            log.info("forwarder_stopped", **dict(forwarder.stats))
 
     async def maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
         if config.outbox.keep_sent_days <= 0:

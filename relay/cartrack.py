@@ -3,7 +3,7 @@
 Nothing here touches the outbox. The client turns every possible result of a
 request (a response, a timeout, a broken connection) into an ``Outcome`` whose
 ``Verdict`` tells the forwarder what to do with the row, so the forwarder never
-has to know about HTTP status codes or aiohttp exceptions.
+has to know about HTTP status codes or connection errors.
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ import enum
 import math
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 
-import aiohttp
 import structlog
+
+from relay import __version__
+from relay.http1 import Http1Client, Response
 
 __all__ = [
     "DETAIL_LIMIT",
@@ -169,81 +172,78 @@ class CartrackClient:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         url: str,
         api_key: str,
         timeout: float,
+        *,
+        concurrency: int = 16,
         clock: Callable[[], float] = time.time,
         on_response: Callable[[str, float], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._session = session
-        self._url = url
+        # SPEC: redirects are never followed (the client has no way to): following
+        # one would re-send the API key to wherever the Location points.
+        self._http = Http1Client(
+            url,
+            {"Content-Type": "application/json", "X-API-KEY": api_key},
+            limit=concurrency,
+            body_limit=_READ_LIMIT,
+            ssl_context=ssl_context,
+            user_agent=f"cartrack-relay/{__version__}",
+        )
         self._api_key = api_key
         self._timeout = timeout
-        # Built once: aiohttp copies them into each request anyway.
-        self._headers = {"Content-Type": "application/json", "X-API-KEY": api_key}
-        self._client_timeout = aiohttp.ClientTimeout(total=timeout)
         self._clock = clock
         # Told of every request's outcome label and duration (metrics).
         self._on_response = on_response
+
+    async def close(self) -> None:
+        await self._http.close()
 
     async def send(self, body: bytes) -> Outcome:
         # One coroutine per event (the forward drain is CPU-bound on the event loop).
         started = time.monotonic()
         outcome: Outcome
         try:
-            async with self._session.post(
-                self._url,
-                data=body,
-                headers=self._headers,
-                # SPEC: never follow redirects. Following one would re-send the
-                # API key to wherever the Location points.
-                allow_redirects=False,
-                timeout=self._client_timeout,
-            ) as response:
-                status = response.status
-                if 200 <= status <= 299 or status == 409:
-                    # Accepted (classify's SENT), the common case kept short: nothing
-                    # of the answer is kept. A body not in yet is read (bounded) so the
-                    # connection is reused; one that came with the headers (the usual
-                    # short answer) already let aiohttp return the connection.
-                    if not response.content.is_eof():
-                        await _read_bounded(response)
-                    outcome = Outcome(Verdict.SENT, status, "", None, time.monotonic() - started)
-                else:
-                    retry_after = parse_retry_after(
-                        response.headers.get("Retry-After"), self._clock()
-                    )
-                    if 300 <= status <= 399:
-                        log.error(
-                            "cartrack_redirect",
-                            status=status,
-                            location=self._redact(response.headers.get("Location", "")),
-                        )
-                    outcome = Outcome(
-                        verdict=classify(status),
-                        status=status,
-                        detail=await self._read_detail(response),
-                        retry_after=retry_after,
-                        elapsed=time.monotonic() - started,
-                    )
+            response = await self._http.post(body, self._timeout)
         except TimeoutError:
-            # Checked before OSError/ClientError: TimeoutError is an OSError, and
-            # aiohttp's own timeout errors subclass both.
             outcome = self._network_failure("timeout", f"timeout after {self._timeout:g}s", started)
-        except (aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:  # refused, reset, closed early, TLS, a malformed answer
             outcome = self._network_failure(
                 "connection_error", f"connection error: {type(exc).__name__}: {exc}", started
             )
+        else:
+            status = response.status
+            if 200 <= status <= 299 or status == 409:
+                # Accepted (classify's SENT), the common case kept short: nothing of
+                # the answer is kept.
+                outcome = Outcome(Verdict.SENT, status, "", None, time.monotonic() - started)
+            else:
+                outcome = self._answered(response, started)
         if self._on_response is not None:
             self._on_response(outcome.label, outcome.elapsed)
         return outcome
 
-    async def _read_detail(self, response: aiohttp.ClientResponse) -> str:
-        body, note = await _read_bounded(response)
-        text = self._redact(body.decode("utf-8", errors="replace"))
-        if note:
-            return text[: DETAIL_LIMIT - len(note)] + note
+    def _answered(self, response: Response, started: float) -> Outcome:
+        status = response.status
+        if 300 <= status <= 399:
+            log.error(
+                "cartrack_redirect",
+                status=status,
+                location=self._redact(response.header("location") or ""),
+            )
+        return Outcome(
+            verdict=classify(status),
+            status=status,
+            detail=self._detail(response),
+            retry_after=parse_retry_after(response.header("retry-after"), self._clock()),
+            elapsed=time.monotonic() - started,
+        )
+
+    def _detail(self, response: Response) -> str:
+        text = self._redact(response.body.decode("utf-8", errors="replace"))
+        if response.cut:
+            return text[: DETAIL_LIMIT - len(response.cut)] + response.cut
         return text[:DETAIL_LIMIT]
 
     def _network_failure(self, failure: str, description: str, started: float) -> Outcome:
@@ -262,27 +262,3 @@ class CartrackClient:
         if self._api_key and self._api_key in text:
             return text.replace(self._api_key, _REDACTED)
         return text
-
-
-async def _read_bounded(response: aiohttp.ClientResponse) -> tuple[bytes, str]:
-    """Up to _READ_LIMIT bytes of the body, and a note if reading it broke off.
-
-    The status is already known and decides the verdict; a body that breaks off must
-    not turn an accepted (2xx) event into a retry or a rejection into a transient
-    error. A longer body is left unread (the connection is then closed, not reused).
-    Timeouts are left to the caller: after the total timeout the connection is
-    unusable anyway.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        # StreamReader.read(n) may return less than n before EOF.
-        while size < _READ_LIMIT:
-            chunk = await response.content.read(_READ_LIMIT - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except aiohttp.ClientError as exc:
-        return b"".join(chunks), f" [body read failed: {type(exc).__name__}]"
-    return b"".join(chunks), ""
