@@ -4,9 +4,11 @@ The relay (``serve`` in its own process) starts on an outbox holding the backlog
 sends it to the lean stand-in (bench/standin.py); the clock runs from the first
 request the stand-in sees until the last row reads ``sent`` in the outbox, so marking
 rows sent is included. The ceiling is a bare aiohttp client (bench/fwdclient.py)
-posting the same events to the same stand-in at the same concurrency. Ceiling and
-relay runs alternate for a few rounds, and the table gives medians with every run
-printed below it.
+posting the same events to the same stand-in at the same concurrency. Beside it, the
+same bare client on the relay's own transport (relay.http1): what the relay would do
+if the outbox, the lanes and marking rows sent cost nothing. Ceiling and relay runs
+alternate for a few rounds, and the table gives medians with every run printed below
+it.
 """
 
 from __future__ import annotations
@@ -89,8 +91,10 @@ def drain(
     }
 
 
-def ceiling(db: Path, concurrency: int, fleet_size: int) -> tuple[float, float]:
-    """Events/s of the bare client, and its CPU ms per 1,000 events."""
+def ceiling(
+    db: Path, concurrency: int, fleet_size: int, client: str = "aiohttp"
+) -> tuple[float, float]:
+    """Events/s of a bare client, and its CPU ms per 1,000 events."""
     with StandIn() as standin:
         r = run_json(
             [
@@ -104,6 +108,8 @@ def ceiling(db: Path, concurrency: int, fleet_size: int) -> tuple[float, float]:
                 str(concurrency),
                 "--fleet",
                 str(fleet_size),
+                "--client",
+                client,
             ],
             timeout=600,
         )
@@ -129,10 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             # The ceiling before, between and after the relay's runs: the machine drifts
             # by tens of percent within minutes, and a median of interleaved runs does not.
             ceilings: list[tuple[float, float]] = []
+            transport: list[tuple[float, float]] = []
             relays: dict[str, list[dict[str, Any]]] = {loop: [] for loop in args.event_loops}
             for n in range(1, args.rounds + 1):
                 progress(f"round {n}: ceiling, concurrency {c}")
                 ceilings.append(ceiling(template, c, FLEET))
+                progress(f"round {n}: bare http1 client, concurrency {c}")
+                transport.append(ceiling(template, c, FLEET, "http1"))
                 for loop in args.event_loops:
                     progress(f"round {n}: relay, concurrency {c}, {loop}")
                     run_dir = directory / f"relay-{c}-{loop}-{n}"
@@ -146,12 +155,23 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"ceiling once more, concurrency {c}")
             ceilings.append(ceiling(template, c, FLEET))
             bare = statistics.median(rate for rate, _ in ceilings)
-            results["runs"][c] = {"ceiling": ceilings, "relay": relays}
+            lean = statistics.median(rate for rate, _ in transport)
+            results["runs"][c] = {"ceiling": ceilings, "http1": transport, "relay": relays}
             table.append(
                 [
                     f"bare aiohttp client, concurrency {c} (ceiling)",
                     bare,
                     statistics.median(cpu for _, cpu in ceilings),
+                    1.0,
+                    bare / lean,
+                ]
+            )
+            table.append(
+                [
+                    f"bare http1 client, concurrency {c} (relay's transport)",
+                    lean,
+                    statistics.median(cpu for _, cpu in transport),
+                    lean / bare,
                     1.0,
                 ]
             )
@@ -163,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                         rate,
                         statistics.median(r["cpu_s"] * 1e6 / r["events"] for r in rs),
                         rate / bare,
+                        rate / lean,
                     ]
                 )
     results["load_after"] = loadavg()
-    print_table(["forward", "events/s", "CPU ms/1000 events", "x ceiling"], table)
+    print_table(["forward", "events/s", "CPU ms/1000 events", "x ceiling", "x bare http1"], table)
     runs = []
     for c, v in results["runs"].items():
         runs.append(f"c={c} ceiling " + ", ".join(f"{rate:,.0f}" for rate, _ in v["ceiling"]))
+        runs.append(f"c={c} http1 " + ", ".join(f"{rate:,.0f}" for rate, _ in v["http1"]))
         runs += [
             f"c={c} {loop} " + ", ".join(f"{r['rate']:,.0f}" for r in rs)
             for loop, rs in v["relay"].items()

@@ -1,8 +1,11 @@
-"""The forward ceiling: a bare aiohttp client posting the outbox's events, nothing else.
+"""The forward ceiling: a bare client posting the outbox's events, nothing else.
 
 Same events (with their VIN), same stand-in, same concurrency as the relay, no outbox
-reads or writes. ``python -m bench.fwdclient --db PATH --url URL --concurrency N``
-prints one JSON line: events, errors, elapsed seconds.
+reads or writes. ``--client aiohttp`` (the issue's ceiling) posts with aiohttp's
+ClientSession; ``--client http1`` with ``relay.http1.Http1Client``, the transport the
+relay itself uses, so the relay's own overhead shows against it.
+``python -m bench.fwdclient --db PATH --url URL --concurrency N`` prints one JSON
+line: events, errors, elapsed seconds, CPU seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import aiohttp
 
 from bench.common import API_KEY, fleet
+from relay.http1 import Http1Client
 from relay.mapping import with_vin
 
 
@@ -35,7 +39,7 @@ def load_events(db: str, fleet_size: int) -> list[bytes]:
 
 
 async def post_all(
-    url: str, events: list[bytes], concurrency: int, bound: float
+    url: str, events: list[bytes], concurrency: int, bound: float, kind: str = "aiohttp"
 ) -> dict[str, object]:
     headers = {"Content-Type": "application/json", "X-API-KEY": API_KEY}
     errors = 0
@@ -60,9 +64,31 @@ async def post_all(
             except (aiohttp.ClientError, OSError):
                 errors += 1
 
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    async def lean_worker(client: Http1Client) -> None:
+        nonlocal errors, sent, index
+        while index < len(events) and time.perf_counter() < deadline:
+            body = events[index]
+            index += 1
+            try:
+                response = await client.post(body, 300.0)
+            except OSError:
+                errors += 1
+            else:
+                if response.status == 200:
+                    sent += 1
+                else:
+                    errors += 1
+
+    if kind == "http1":
+        client = Http1Client(url, headers, limit=concurrency, body_limit=4096)
+        try:
+            await asyncio.gather(*(lean_worker(client) for _ in range(concurrency)))
+        finally:
+            await client.close()
+    else:
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return {
         "events": sent,
         "errors": errors,
@@ -78,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--fleet", type=int, required=True)
     p.add_argument("--duration", type=float, default=300.0, help="hard bound, seconds")
+    p.add_argument("--client", choices=("aiohttp", "http1"), default="aiohttp")
     args = p.parse_args(argv)
     events = load_events(args.db, args.fleet)
-    result = asyncio.run(post_all(args.url, events, args.concurrency, args.duration))
+    result = asyncio.run(post_all(args.url, events, args.concurrency, args.duration, args.client))
     print(json.dumps(result), flush=True)
     return 0
 

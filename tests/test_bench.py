@@ -50,8 +50,10 @@ def test_forward_drains_the_backlog_and_prints_the_ratio(
     assert forward.main(["--events", "200", "--concurrency", "4"]) == 0
     out = capsys.readouterr().out
     assert is_number(row(out, "bare aiohttp client, concurrency 4 (ceiling)")[0])
+    lean = row(out, "bare http1 client, concurrency 4 (relay's transport)")
+    assert all(is_number(c) for c in lean), lean
     relay = row(out, "relay, concurrency 4, asyncio")
-    assert all(is_number(c) for c in relay), relay
+    assert all(is_number(c) for c in relay), relay  # rate, CPU, x ceiling, x bare http1
 
 
 def test_backlog_prints_every_cost_per_size(capsys: pytest.CaptureFixture[str]) -> None:
