@@ -10,8 +10,8 @@ client needs:
 - POST to one URL (``http://`` or ``https://``, certificates verified), a fixed set of
   headers, a body with a Content-Length;
 - a pool of keep-alive connections, at most ``limit`` open, the most recently used
-  first; an idle connection is closed after ``keepalive_seconds``, before the server
-  is likely to drop it;
+  first; a connection idle for ``keepalive_seconds`` is not used again (it is closed
+  when the pool next looks at it), before the server is likely to drop it;
 - one deadline per request, covering the wait for a connection, connecting, sending
   and the whole answer;
 - the answer's status, its headers, and at most ``body_limit`` bytes of its body. A
@@ -138,6 +138,9 @@ class Http1Client:
         self._closed = True
         for conn in self._conns:
             conn.close()
+        # Connections still being opened count themselves out when they find the
+        # client closed; these are gone now.
+        self._open -= len(self._conns)
         self._conns.clear()
         self._idle.clear()
         while self._waiters:
@@ -267,10 +270,10 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     def close(self) -> None:
-        self.reusable = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        # A request still waiting fails now: its deadline goes with the timer, and a
+        # TLS transport reports the loss only once the peer has answered its
+        # close_notify (or ssl_shutdown_timeout, 30 s, has passed).
+        self._fail(ConnectionError("client closed"))
         if self._transport is not None:
             self._transport.close()
 
@@ -291,6 +294,17 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"malformed HTTP answer: {exc}"))
             self.close()
+        except httptools.HttpParserUpgrade:
+            # 101 Switching Protocols: what follows is not HTTP/1.1 (not an
+            # HttpParserError, and it must not escape into the event loop).
+            self._fail(ProtocolError("malformed HTTP answer: the server switched protocols"))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        # The server has closed its end. connection_lost comes a loop turn later; a
+        # request put on the connection meanwhile would be lost with it.
+        self.reusable = False
+        return None  # close ours too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -310,6 +324,13 @@ class _Connection(asyncio.Protocol):
             self._fail(ServerDisconnected(f"server disconnected before answering ({reason})"))
 
     # -- httptools' callbacks --------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # A second answer right behind the one asked for, in the same read: parsed
+            # on, it would add to the answer just returned and leave the parser
+            # half-way into the next. Stop here; data_received closes the connection.
+            raise httptools.HttpParserError("an answer nobody asked for")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
