@@ -45,7 +45,10 @@ class Position:
     speed: float
     ignition: bool
     odometer: float | None
-    raw: Any
+    raw: Any  # the position as decoded (None when ``source`` came with it)
+    # Its JSON text as Frotcom sent it, when the body was decoded with the texts kept
+    # (relay/frotcom.py); otherwise the outbox encodes ``raw``.
+    source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +173,11 @@ def _deeper_than(value: Any, limit: int) -> bool:
             (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
         )
     return False
+
+
+def plausible_vehicle_id(value: Any) -> str | None:
+    """A VehicleID as the relay keeps it (text, stripped), or None if it is not one."""
+    return _vehicle_id(value)[0]
 
 
 def _vehicle_id(value: Any) -> tuple[str | None, str]:

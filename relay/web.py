@@ -26,7 +26,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from relay.mapping import BadRequest, decode_body, parse_batch
+from relay.frotcom import parse_body
+from relay.mapping import BadRequest
 from relay.outbox.storage import LowDiskSpace
 from relay.state import OUTBOX, STATE
 
@@ -205,9 +206,7 @@ async def ingest(request: web.Request) -> web.Response:
     line.bytes = len(body)
     received_ms = int(state.clock() * 1000)
     try:
-        batch = parse_batch(
-            decode_body(body), received_ms, int(config.frotcom.max_future_seconds * 1000)
-        )
+        batch = parse_body(body, received_ms, int(config.frotcom.max_future_seconds * 1000))
     except BadRequest as exc:
         line.error = str(exc)
         return error(400, "bad request", str(exc))

@@ -212,7 +212,7 @@ async def test_canonical_line_for_a_wrong_method_and_for_a_bug(
 
     with capture_logs() as logs:
         assert (await relay.get(PATH)).status == 405
-        monkeypatch.setattr(web_module, "parse_batch", broken)
+        monkeypatch.setattr(web_module, "parse_body", broken)
         assert (await post_batch(relay, batch(("9876543", [position()]))))[0] == 500
     lines = webhook_lines(logs)
     assert [(e["status"], e["log_level"], e["error"]) for e in lines] == [

@@ -114,7 +114,7 @@ class BatchJob:
                         received_at,
                         received_at,
                         _dumps(build_event(p, "PERIODIC", provider, received_at)),
-                        _dumps_input(p.raw),
+                        _dumps_input(p.raw) if p.source is None else p.source,
                     )
                     for p in run
                 ],
