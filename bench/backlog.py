@@ -3,9 +3,11 @@
 Each outbox holds the given number of rows, 90% sent and the newest 10% pending (at
 1M: 900k sent, 100k pending). For each size: ``cartrack-relay status`` (a real
 subprocess, interpreter start included), the relay's start to ready, the drain rate
-near the start and near the end of the backlog (requests 5-15% against 85-95%, as the
+near the start and near the end of the backlog (requests 5-25% against 75-95%, as the
 stand-in saw them, so warm-up and the last lanes finishing do not count), and the
-relay's peak RSS.
+relay's peak RSS. The windows were 10% wide until the forwarder got twice as fast:
+at 10k pending that made them ~30 ms, shorter than one checkpoint and ack flush, and
+one run read 0.67 where reruns read 0.90-1.00.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ def measure(directory: Path, total: int, concurrency: int, event_loop: str) -> d
         "db_mb": db.stat().st_size / 2**20,
         "status_s": status,
         "startup_s": r["startup_s"],
-        "rate_start": window_rate(times, 0.05, 0.15),
-        "rate_end": window_rate(times, 0.85, 0.95),
+        "rate_start": window_rate(times, 0.05, 0.25),
+        "rate_end": window_rate(times, 0.75, 0.95),
         "rate": r["rate"],
         "peak_rss_mb": r["peak_rss_mb"],
     }
