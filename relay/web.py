@@ -144,9 +144,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         _note_error(exc.reason)
-        response = error(
-            exc.status, exc.reason, exc.text if exc.text != f"{exc.status}: {exc.reason}" else None
-        )
+        detail = exc.text if exc.text != f"{exc.status}: {exc.reason}" else None
+        response = error(exc.status, exc.reason, detail or _route_hint(request, exc))
         if "Allow" in exc.headers:  # a 405 must say which methods are allowed
             response.headers["Allow"] = exc.headers["Allow"]
         return response
@@ -158,6 +157,17 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         log.exception("request_failed", method=request.method, path=request.path)
         _note_error("unexpected error (see request_failed)")
         return error(500, INTERNAL_ERROR)
+
+
+def _route_hint(request: web.Request, exc: web.HTTPException) -> str | None:
+    """What an integrator with a wrong URL or method needs to hear: where batches go."""
+    path = request.path if len(request.path) <= 200 else request.path[:200] + "..."
+    if exc.status == 405 and "Allow" in exc.headers:
+        return f"{request.method} is not allowed on {path}; use {exc.headers['Allow']}"
+    if exc.status == 404:
+        webhook = request.app[STATE].config.server.path
+        return f"no route for {request.method} {path}; Frotcom batches go to POST {webhook}"
+    return None
 
 
 def _note_error(text: str) -> None:

@@ -513,23 +513,37 @@ async def test_unexpected_error_is_json_500(start: Callable[..., Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "status", "message"),
+    ("method", "path", "status", "message", "detail"),
     [
-        ("GET", "/", 404, "Not Found"),
-        ("POST", "/webhooks/other", 404, "Not Found"),
-        ("GET", PATH, 405, "Method Not Allowed"),
-        ("PUT", PATH, 405, "Method Not Allowed"),
+        ("GET", "/", 404, "Not Found", f"no route for GET /; Frotcom batches go to POST {PATH}"),
+        (
+            "POST",
+            "/webhooks/other",
+            404,
+            "Not Found",
+            f"no route for POST /webhooks/other; Frotcom batches go to POST {PATH}",
+        ),
+        ("GET", PATH, 405, "Method Not Allowed", f"GET is not allowed on {PATH}; use POST"),
+        ("PUT", PATH, 405, "Method Not Allowed", f"PUT is not allowed on {PATH}; use POST"),
     ],
 )
-async def test_errors_are_json(
-    relay: TestClient, method: str, path: str, status: int, message: str
+async def test_errors_are_json_and_say_where_batches_go(
+    relay: TestClient, method: str, path: str, status: int, message: str, detail: str
 ) -> None:
     response = await relay.request(method, path, headers={"Authorization": TOKEN})
     assert response.status == status
     assert response.content_type == "application/json"
-    assert await response.json() == {"error": message}
+    assert await response.json() == {"error": message, "detail": detail}
     if status == 405:
         assert response.headers["Allow"] == "POST"
+
+
+async def test_a_long_unknown_path_is_cut_in_the_detail(relay: TestClient) -> None:
+    response = await relay.post("/" + "x" * 5000, headers={"Authorization": TOKEN})
+    assert response.status == 404
+    detail = (await response.json())["detail"]
+    assert detail.startswith("no route for POST /" + "x" * 199 + "...;")
+    assert len(detail) < 300
 
 
 async def test_healthz(relay: TestClient) -> None:
