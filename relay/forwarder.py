@@ -48,6 +48,8 @@ RESCAN_SECONDS = 5.0
 # pages it touched in the WAL and waits for fsync, and rows of one vehicle share pages.
 # The price: a crash re-sends up to this window of events (Cartrack answers 409).
 ACK_FLUSH_SECONDS = 0.05
+# relay_state's key while sending is paused (`status` lists relay_state).
+PAUSED_KEY = "forwarder_paused"
 ACK_BATCH = 2000
 # Timers may fire a hair early: re-check, but boundedly (a frozen test clock must not spin).
 _DUE_CHECKS = 3
@@ -59,6 +61,7 @@ class PauseState:  # set while Cartrack refuses our key (401/403)
     probes: int
     probe_at: float
     status: int | None
+    recorded: bool = False  # written to relay_state (PAUSED_KEY)
 
 
 class _Slot:
@@ -156,6 +159,8 @@ class Forwarder:
         flusher = asyncio.create_task(self._flush_loop(), name="forwarder-flusher")
         flusher.add_done_callback(lambda _: self._wake.set())
         try:
+            # A pause recorded by a run that died paused; this run finds out afresh.
+            await self.outbox.clear_state(PAUSED_KEY)
             self._dirty.update(await self.outbox.pending_vehicles())
             next_rescan = loop.time() + self.rescan_seconds
             while not self._stopping.is_set():
@@ -370,6 +375,14 @@ class Forwarder:
             self.metrics.event_retried(outcome.label)
             await self.outbox.mark_retry(row.id, format_ms(due_ms), outcome.status, outcome.detail)
             await self.outbox.set_state("last_error", _describe(outcome))
+            if self.pause is not None and not self.pause.recorded:
+                # `status` shows it (relay_state), since the pause began.
+                self.pause.recorded = True
+                await self.outbox.set_state(
+                    PAUSED_KEY,
+                    f"Cartrack refused the API key (HTTP {self.pause.status}): nothing is"
+                    " sent; one probe at a time on the backoff schedule",
+                )
             self._log_failure(
                 "warning", "delivery_failed", row, outcome, attempts, format_ms(due_ms), wait
             )
@@ -448,6 +461,7 @@ class Forwarder:
                         probes=pause.probes + 1,
                     )
                     self.pause = None
+                    await self.outbox.clear_state(PAUSED_KEY)
                 else:
                     pause.probes += 1
                     pause.status = outcome.status

@@ -13,6 +13,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from relay.cartrack import DETAIL_LIMIT
 from relay.config import Config
 from relay.devtools.fake_cartrack import FakeCartrack, Received, Response
 from relay.forwarder import _due_seconds
+from relay.outbox import schema
 from relay.outbox.storage import Outbox
 from relay.state import STATE
 from relay.timeutil import format_ms, parse_timestamp
@@ -429,6 +431,9 @@ async def test_auth_failure_pauses_everything_and_probes_on_the_backoff_schedule
     assert {r["status"] for r in outbox} == {"pending"}  # never dead-lettered
     assert client.app[STATE].forwarder is not None
     assert client.app[STATE].forwarder.pause is not None
+    # `status` shows the pause: it is in relay_state while it lasts.
+    await wait_until(lambda: "forwarder_paused" in relay_state(db_path))
+    assert f"refused the API key (HTTP {status})" in relay_state(db_path)["forwarder_paused"]
 
     # Before the pause began, at most one request per vehicle was out; after it, probes
     # go one at a time with gaps that grow like the backoff (initial * 2**k, capped).
@@ -451,6 +456,26 @@ async def test_auth_failure_pauses_everything_and_probes_on_the_backoff_schedule
     assert len(events_named(logs, "forwarder_resumed")) == 1
     assert events_named(logs, "event_rejected") == []
     assert client.app[STATE].forwarder.pause is None
+    assert "forwarder_paused" not in relay_state(db_path)
+
+
+def relay_state(db: Path) -> dict[str, str]:
+    with closing(sqlite3.connect(db)) as conn:
+        return dict(conn.execute("SELECT key, value FROM relay_state").fetchall())
+
+
+async def test_a_pause_left_by_a_dead_run_is_cleared_at_start(
+    start: Start, cartrack: FakeCartrack, db_path: Path
+) -> None:
+    with closing(schema.connect(db_path, create=True)) as conn:
+        conn.execute(
+            "INSERT INTO relay_state VALUES ('forwarder_paused', 'left by a run killed"
+            " while paused', '2026-01-19T08:00:00.000Z')"
+        )
+    client = await start()
+    await post_ok(client, (A, positions(1)))
+    await wait_until(all_sent(db_path, 1))
+    assert "forwarder_paused" not in relay_state(db_path)
 
 
 async def test_a_transient_probe_answer_keeps_the_pause(

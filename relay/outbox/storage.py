@@ -290,6 +290,9 @@ class Outbox:
             (key, value, self.now()),
         )
 
+    async def clear_state(self, key: str) -> None:
+        await self._update("DELETE FROM relay_state WHERE key = ?", (key,))
+
     async def counts(self) -> dict[str, int]:
         # Reads every status's partial index: off the loop, through the writer's connection.
         async with self._group.lock, self._conn.execute(STATUS_COUNTS) as cursor:
