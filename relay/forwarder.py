@@ -160,7 +160,11 @@ class Forwarder:
         flusher.add_done_callback(lambda _: self._wake.set())
         try:
             # A pause recorded by a run that died paused; this run finds out afresh.
-            await self.outbox.clear_state(PAUSED_KEY)
+            # Only a note for `status`: a locked outbox must not stop the forwarder.
+            try:
+                await self.outbox.clear_state(PAUSED_KEY)
+            except sqlite3.OperationalError as exc:
+                log.warning("relay_state_not_cleared", key=PAUSED_KEY, error=str(exc))
             self._dirty.update(await self.outbox.pending_vehicles())
             next_rescan = loop.time() + self.rescan_seconds
             while not self._stopping.is_set():
