@@ -81,6 +81,10 @@ class _WriteCheck:
         return None
 
 
+# What probe_routes serves; the webhook's 404 names the listener that has them.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 def probe_routes(app: web.Application) -> list[web.RouteDef]:
     """/healthz, /readyz and /metrics for the relay ``app`` (on whichever listener)."""
     write_check = _WriteCheck()

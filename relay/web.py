@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 
 from relay.frotcom import parse_body
+from relay.health import PROBE_PATHS
 from relay.mapping import BadRequest
 from relay.outbox.storage import LowDiskSpace
 from relay.state import OUTBOX, STATE
@@ -165,8 +166,12 @@ def _route_hint(request: web.Request, exc: web.HTTPException) -> str | None:
     if exc.status == 405 and "Allow" in exc.headers:
         return f"{request.method} is not allowed on {path}; use {exc.headers['Allow']}"
     if exc.status == 404:
-        webhook = request.app[STATE].config.server.path
-        return f"no route for {request.method} {path}; Frotcom batches go to POST {webhook}"
+        state = request.app[STATE]
+        hint = f"no route for {request.method} {path}; Frotcom batches go to POST"
+        hint += f" {state.config.server.path}"
+        if state.metrics_port is not None and request.path in PROBE_PATHS:
+            hint += f"; {request.path} is served on the [metrics] port, {state.metrics_port}"
+        return hint
     return None
 
 

@@ -337,7 +337,11 @@ async def test_separate_listener_serves_the_probes_and_only_there(
     for path in ("/metrics", "/healthz", "/readyz"):
         response = await client.get(path)
         assert response.status == 404
-        assert await response.json() == {"error": "Not Found"}
+        assert await response.json() == {
+            "error": "Not Found",
+            "detail": f"no route for GET {path}; Frotcom batches go to POST /webhooks/frotcom;"
+            f" {path} is served on the [metrics] port, {port}",
+        }
 
 
 async def test_separate_listener_says_stopping_while_the_relay_stops(
