@@ -16,6 +16,7 @@ import json
 import sqlite3
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -49,46 +50,41 @@ async def post_all(
     cpu_started = time.process_time()
     deadline = started + bound
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    async def worker(post: Callable[[bytes], Awaitable[int]]) -> None:
         nonlocal errors, sent, index
         while index < len(events) and time.perf_counter() < deadline:
             body = events[index]
             index += 1
             try:
-                async with session.post(url, data=body, headers=headers) as r:
-                    await r.read()
-                    if r.status == 200:
-                        sent += 1
-                    else:
-                        errors += 1
+                status = await post(body)
             except (aiohttp.ClientError, OSError):
                 errors += 1
-
-    async def lean_worker(client: Http1Client) -> None:
-        nonlocal errors, sent, index
-        while index < len(events) and time.perf_counter() < deadline:
-            body = events[index]
-            index += 1
-            try:
-                response = await client.post(body, 300.0)
-            except OSError:
-                errors += 1
             else:
-                if response.status == 200:
+                if status == 200:
                     sent += 1
                 else:
                     errors += 1
 
     if kind == "http1":
         client = Http1Client(url, headers, limit=concurrency, body_limit=4096)
+
+        async def lean_post(body: bytes) -> int:
+            return (await client.post(body, 300.0)).status
+
         try:
-            await asyncio.gather(*(lean_worker(client) for _ in range(concurrency)))
+            await asyncio.gather(*(worker(lean_post) for _ in range(concurrency)))
         finally:
             await client.close()
     else:
         connector = aiohttp.TCPConnector(limit=concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
-            await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+
+            async def aiohttp_post(body: bytes) -> int:
+                async with session.post(url, data=body, headers=headers) as r:
+                    await r.read()
+                    return r.status
+
+            await asyncio.gather(*(worker(aiohttp_post) for _ in range(concurrency)))
     return {
         "events": sent,
         "errors": errors,

@@ -13,7 +13,6 @@ import enum
 import math
 import random
 import re
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,7 +178,6 @@ class CartrackClient:
         concurrency: int = 16,
         clock: Callable[[], float] = time.time,
         on_response: Callable[[str, float], None] | None = None,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         # SPEC: redirects are never followed (the client has no way to): following
         # one would re-send the API key to wherever the Location points.
@@ -188,7 +186,6 @@ class CartrackClient:
             {"Content-Type": "application/json", "X-API-KEY": api_key},
             limit=concurrency,
             body_limit=_READ_LIMIT,
-            ssl_context=ssl_context,
             user_agent=f"cartrack-relay/{__version__}",
         )
         self._api_key = api_key
