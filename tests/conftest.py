@@ -21,6 +21,8 @@ from relay.app import create_app
 from relay.config import Config, parse_config
 from relay.devtools.fake_cartrack import FakeCartrack
 from relay.logging import configure_logging
+from relay.outbox.storage import Outbox
+from relay.timeutil import parse_timestamp
 
 TOKEN = "1234-5678-9097-8466"
 API_KEY = "test-api-key-0123456789"
@@ -218,3 +220,30 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> No
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "outbox.sqlite3"
+
+
+# The outbox's own tests run at a fixed time: shortly after the positions of position().
+NOW = "2023-10-25T16:30:00.000Z"
+NOW_MS = parse_timestamp(NOW)
+
+
+class Clock:
+    def __init__(self, ms: int = NOW_MS) -> None:
+        self.ms = ms
+
+    def __call__(self) -> float:
+        return self.ms / 1000
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def outbox(db_path: Path, clock: Clock) -> AsyncIterator[Outbox]:
+    box = await Outbox.open(db_path, clock)
+    try:
+        yield box
+    finally:
+        await box.close()

@@ -2,79 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VIN, VIN2, batch, position, rows
+from conftest import NOW, NOW_MS, Clock, batch, position, rows
+from outbox_helpers import big_batch, store, table, ts, types
 
-from relay.mapping import ParsedBatch, parse_batch
-from relay.outbox import storage, writer
+from relay.outbox import storage
 from relay.outbox.storage import Outbox, StoreResult
-from relay.timeutil import format_ms, parse_timestamp
-
-# The relay's clock during these tests: shortly after the positions of conftest.position().
-NOW = "2023-10-25T16:30:00.000Z"
-NOW_MS = parse_timestamp(NOW)
-MAX_FUTURE_MS = 86_400_000
-VEHICLES = {"9876543": VIN, "1111111": VIN2}
-
-
-class Clock:
-    def __init__(self, ms: int = NOW_MS) -> None:
-        self.ms = ms
-
-    def __call__(self) -> float:
-        return self.ms / 1000
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-async def outbox(db_path: Path, clock: Clock) -> AsyncIterator[Outbox]:
-    box = await Outbox.open(db_path, clock)
-    try:
-        yield box
-    finally:
-        await box.close()
-
-
-def parsed(body: dict[str, Any], now_ms: int = NOW_MS) -> ParsedBatch:
-    return parse_batch(body, now_ms, MAX_FUTURE_MS)
-
-
-async def store(
-    box: Outbox,
-    body: dict[str, Any],
-    vehicles: dict[str, str] = VEHICLES,
-    received_ms: int = NOW_MS,
-) -> StoreResult:
-    return await box.store_batch(parsed(body, received_ms), vehicles, "frotcom", received_ms)
-
-
-def table(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
-def ts(second: int) -> str:
-    return f"2023-10-25T16:29:{second:02d}.000Z"
-
-
-def types(db: Path, vehicle_id: str = "9876543") -> list[tuple[str, str]]:
-    return [(r["event_ts"], r["event_type"]) for r in rows(db, "vehicle_id = ?", (vehicle_id,))]
-
+from relay.timeutil import format_ms
 
 # -- store_batch -----------------------------------------------------------------------
 
@@ -374,15 +313,6 @@ async def test_constraints_refuse_bad_rows(outbox: Outbox, db_path: Path, sql: s
         conn.close()
 
 
-def big_batch(n: int = 1500) -> dict[str, Any]:
-    stamps = [format_ms(NOW_MS - 3_600_000 + i * 1000) for i in range(n)]
-    return batch(
-        ("9876543", [position(s, ignition=i % 7 == 0) for i, s in enumerate(stamps)]),
-        ("5555555", [position(stamps[0])]),
-        ("9876543", [position(stamps[0], lat=-100)]),
-    )
-
-
 def everything(db: Path) -> list[Any]:
     return [
         table(db, f"SELECT * FROM {name} ORDER BY 1")
@@ -456,199 +386,3 @@ async def test_pending_vehicles_seeks_the_partial_index(outbox: Outbox, db_path:
         "SEARCH positions USING INDEX positions_pending",
         "SEARCH positions USING INDEX positions_pending (vehicle_id>?)",
     ]
-
-
-# -- group commit ----------------------------------------------------------------------
-
-
-def statements(box: Outbox) -> list[str]:
-    """Every statement the writer connection runs from now on (BEGIN, COMMIT, ...)."""
-    seen: list[str] = []
-    box._conn._conn.set_trace_callback(seen.append)
-    return seen
-
-
-async def test_concurrent_batches_share_one_commit(outbox: Outbox, db_path: Path) -> None:
-    seen = statements(outbox)
-    bodies = [
-        batch((vid, [position(ts(s), ignition=s % 2 == 0) for s in range(10)]))
-        for vid in ("9876543", "1111111", "5555555")
-    ]
-    results = await asyncio.gather(*(store(outbox, body) for body in bodies))
-    # One transaction, one fsync, for all three requests; each still gets its own answer.
-    assert seen.count("COMMIT") == 1
-    assert [(r.accepted, r.held) for r in results] == [(10, 0), (10, 0), (10, 10)]
-    assert results[0].vehicles == frozenset({"9876543"})
-    assert table(db_path, "SELECT count(*) FROM positions") == [(30,)]
-    # Event types are decided per vehicle inside the transaction, as one at a time would.
-    assert types(db_path, "1111111")[:3] == [
-        (ts(0), "PERIODIC"),
-        (ts(1), "IGNITION_OFF"),
-        (ts(2), "IGNITION_ON"),
-    ]
-
-
-async def test_a_group_takes_a_handful_of_statements_whatever_its_size(outbox: Outbox) -> None:
-    # The writer runs in its own thread, where every SQLite step hands the GIL to the
-    # busy event loop and back: one statement per row, or even per request, would
-    # stall it (bench.findings). Three requests committed together:
-    seen = statements(outbox)
-    bodies = [
-        big_batch(400),  # 401 rows (one held) and a quarantined entry
-        batch(("1111111", [position(format_ms(NOW_MS - 120_000 + s)) for s in range(300)])),
-        batch(("9876543", [position(format_ms(NOW_MS - 60_000 + s)) for s in range(400)])),
-    ]
-    results = await asyncio.gather(*(store(outbox, body) for body in bodies))
-    assert [(r.accepted, r.held, r.quarantined) for r in results] == [
-        (401, 1, 1),
-        (300, 0, 0),
-        (400, 0, 0),
-    ]
-    assert [s.split(" (")[0].split(" VALUES")[0] for s in seen] == [
-        "BEGIN IMMEDIATE",
-        "SELECT json_group_array(json_array(vehicle_id, last_ts, ignition)) FROM vehicle_state"
-        " WHERE vehicle_id IN",
-        "INSERT OR IGNORE INTO positions",  # rows 1-500 of the 1,101
-        "INSERT OR IGNORE INTO positions",  # 501-1000
-        "INSERT OR IGNORE INTO positions",  # 1001-1101
-        "INSERT OR IGNORE INTO quarantine",
-        "INSERT INTO vehicle_state",
-        "COMMIT",
-    ]
-
-
-async def test_a_resent_batch_in_a_group_is_counted_request_by_request(
-    outbox: Outbox, db_path: Path
-) -> None:
-    # Taken together, per-request counts assume every row is new; a duplicate in the
-    # group sends each request through on its own, with its own counts.
-    await store(outbox, batch(("9876543", [position(ts(1))])))
-    seen = statements(outbox)
-    first, again, other = await asyncio.gather(
-        store(outbox, batch(("9876543", [position(ts(2)), position(ts(3))]))),
-        store(outbox, batch(("9876543", [position(ts(1)), position(ts(2))]))),
-        store(outbox, batch(("1111111", [position(ts(1))]))),
-    )
-    assert (first.accepted, first.duplicates) == (2, 0)
-    assert (again.accepted, again.duplicates) == (0, 2)
-    assert (other.accepted, other.duplicates) == (1, 0)
-    assert seen.count("COMMIT") == 1
-    assert seen.count("ROLLBACK") == 1  # the group's attempt, then one request at a time
-    assert seen.count("SAVEPOINT job") == 3
-    assert table(db_path, "SELECT count(*) FROM positions") == [(4,)]
-
-
-async def test_event_types_carry_across_the_requests_of_a_group(
-    outbox: Outbox, db_path: Path
-) -> None:
-    await store(outbox, batch(("1111111", [position(ts(0), ignition=False)])))
-    seen = statements(outbox)
-    await asyncio.gather(
-        store(outbox, batch(("1111111", [position(ts(1), ignition=True)]))),
-        store(outbox, batch(("1111111", [position(ts(2), ignition=True)]))),
-        store(outbox, batch(("1111111", [position(ts(3), ignition=False)]))),
-    )
-    assert seen.count("COMMIT") == 1
-    assert "ROLLBACK" not in seen  # taken together
-    assert types(db_path, "1111111") == [
-        (ts(0), "PERIODIC"),
-        (ts(1), "IGNITION_ON"),
-        (ts(2), "PERIODIC"),
-        (ts(3), "IGNITION_OFF"),
-    ]
-    assert table(db_path, "SELECT last_ts, ignition FROM vehicle_state") == [(ts(3), 0)]
-
-
-async def test_a_writer_that_cannot_run_answers_its_callers_and_the_next(
-    outbox: Outbox,
-) -> None:
-    # Not a job failing (that rolls back alone) but the group itself: here the
-    # connection is gone. Every caller gets the error instead of waiting forever.
-    outbox._conn._conn.close()
-    for _ in range(2):
-        with pytest.raises(sqlite3.ProgrammingError):
-            await asyncio.wait_for(store(outbox, batch(("9876543", [position(ts(1))]))), 10)
-
-
-async def test_checkpoints_run_beside_the_writer_and_keep_the_wal_small(
-    outbox: Outbox, db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(writer, "CHECKPOINT_CHANGES", 100)
-    # Without the writer's own autocheckpoint, only the background one can stop the
-    # -wal file from growing with every batch.
-    await outbox._conn.execute("PRAGMA wal_autocheckpoint = 0")
-    seen = statements(outbox)
-    for n in range(40):
-        stamps = [format_ms(NOW_MS - 3_600_000 + (n * 100 + i) * 1000) for i in range(100)]
-        await store(outbox, batch(("9876543", [position(s) for s in stamps])))
-        if outbox._group.checkpoint is not None:
-            await outbox._group.checkpoint  # deterministic: each one finishes before the next batch
-    assert not any("checkpoint" in s for s in seen)  # never in the writer's commits
-    assert table(db_path, "SELECT count(*) FROM positions") == [(4000,)]
-    wal = db_path.with_name(db_path.name + "-wal")
-    # 4,000 rows are ~5 MB of pages; checkpointed and restarted, the WAL holds ~2 batches.
-    assert wal.stat().st_size < 1_000_000, wal.stat().st_size
-
-
-async def test_a_failing_write_fails_alone_in_its_group(outbox: Outbox, db_path: Path) -> None:
-    def broken(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO relay_state (key, value, updated_at) VALUES ('half', 'done', 'x')"
-        )
-        raise ValueError("bug after a write")
-
-    seen = statements(outbox)
-    first, failed, last = await asyncio.gather(
-        store(outbox, batch(("9876543", [position(ts(1))]))),
-        outbox._write(broken),
-        store(outbox, batch(("1111111", [position(ts(2))]))),
-        return_exceptions=True,
-    )
-    assert seen.count("COMMIT") == 1
-    assert isinstance(failed, ValueError)
-    assert isinstance(first, StoreResult)
-    assert first.accepted == 1
-    assert isinstance(last, StoreResult)
-    assert last.accepted == 1
-    # Its savepoint was rolled back: nothing of the failed write, all of the others.
-    assert table(db_path, "SELECT key FROM relay_state") == []
-    assert table(db_path, "SELECT vehicle_id FROM positions ORDER BY 1") == [
-        ("1111111",),
-        ("9876543",),
-    ]
-
-
-async def test_a_caller_cancelled_before_its_turn_writes_nothing(
-    outbox: Outbox, db_path: Path
-) -> None:
-    # The writer's thread is held inside a first job while the second one waits.
-    started, gate = threading.Event(), threading.Event()
-
-    def blocking(conn: sqlite3.Connection) -> None:
-        started.set()
-        gate.wait(10)
-
-    blocker = asyncio.ensure_future(outbox._write(blocking))
-    assert await asyncio.to_thread(started.wait, 10)
-    task = asyncio.ensure_future(store(outbox, batch(("9876543", [position(ts(1))]))))
-    await asyncio.sleep(0)  # queued behind the blocker
-    task.cancel()
-    gate.set()
-    await blocker
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert table(db_path, "SELECT count(*) FROM positions") == [(0,)]
-    # The writer carries on with later work.
-    assert (await store(outbox, batch(("9876543", [position(ts(2))])))).accepted == 1
-
-
-async def test_a_failed_commit_fails_every_caller_of_the_group(
-    outbox: Outbox, db_path: Path
-) -> None:
-    # The outbox's connection may not grow the file: SQLite's real "disk full".
-    await outbox._conn.execute("PRAGMA max_page_count = 1")
-    with pytest.raises(sqlite3.OperationalError, match="full"):
-        await store(outbox, big_batch(50))
-    await outbox._conn.execute("PRAGMA max_page_count = 1073741823")
-    assert table(db_path, "SELECT count(*) FROM positions") == [(0,)]
-    assert (await store(outbox, big_batch(50))).accepted == 51
