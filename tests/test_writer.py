@@ -1,4 +1,4 @@
-"""The group writer: group commit, and every caller answered after its COMMIT."""
+"""The group writer: its own thread, group commit, and every caller answered after its COMMIT."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import NOW_MS, batch, position, wait_until
 from outbox_helpers import big_batch, store, table, ts, types
+from structlog.testing import capture_logs
 
 from relay.outbox import writer
 from relay.outbox.storage import Outbox, StoreResult
@@ -53,6 +54,92 @@ async def in_one_group(
     results = await asyncio.gather(*tasks, return_exceptions=return_exceptions)
     assert seen[0] == "COMMIT"  # the holder's
     return results, seen[1:]
+
+
+# -- the thread ------------------------------------------------------------------------
+
+
+async def test_a_write_starts_without_waiting_for_the_event_loop(
+    outbox: Outbox, db_path: Path
+) -> None:
+    # The writer's thread is woken directly, not through a task on the loop: the loop
+    # may be busy parsing the next requests (here: blocked outright) while the writer
+    # already commits. A worker restarted through the loop would wait for it.
+    await outbox._write(lambda conn: None)  # the thread exists and sits idle
+    ran = threading.Event()
+
+    def job(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO relay_state (key, value, updated_at) VALUES ('k', 'v', 'x')")
+        ran.set()
+
+    task = asyncio.ensure_future(outbox._write(job))
+    await asyncio.sleep(0)  # write() queues the job and wakes the thread
+    assert ran.wait(10)  # the loop is blocked here, the thread ran the job anyway
+    await task
+    assert table(db_path, "SELECT key FROM relay_state") == [("k",)]
+
+
+async def test_one_thread_serves_every_group(outbox: Outbox) -> None:
+    names = await asyncio.gather(
+        *(outbox._write(lambda conn: threading.current_thread().name) for _ in range(5))
+    )
+    names += [await outbox._write(lambda conn: threading.current_thread().name)]
+    assert set(names) == {"outbox-writer"}
+    assert [t.name for t in threading.enumerate()].count("outbox-writer") == 1
+
+
+async def test_close_finishes_queued_writes_then_refuses_new_ones(db_path: Path) -> None:
+    box = await Outbox.open(db_path)
+    pending = [
+        asyncio.ensure_future(store(box, batch(("9876543", [position(ts(s))])))) for s in range(3)
+    ]
+    await asyncio.sleep(0)  # queued
+    await box.close()
+    assert [(await p).accepted for p in pending] == [1, 1, 1]
+    assert not any(t.name == "outbox-writer" for t in threading.enumerate())
+    with pytest.raises(writer.WriterStopped, match="closed"):
+        await box._write(lambda conn: None)
+    assert table(db_path, "SELECT count(*) FROM positions") == [(3,)]
+
+
+async def test_counts_do_not_wait_for_a_write_in_progress(outbox: Outbox) -> None:
+    await store(outbox, batch(("9876543", [position(ts(1))])))
+    started, release = threading.Event(), threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO relay_state (key, value, updated_at) VALUES ('k', 'v', 'x')")
+        started.set()
+        release.wait(10)
+
+    holder = asyncio.ensure_future(outbox._write(slow))
+    try:
+        assert await asyncio.to_thread(started.wait, 10)
+        # Committed rows only, read beside the open transaction.
+        async with asyncio.timeout(5):
+            assert await outbox.counts() == {"pending": 1, "held": 0, "sent": 0, "failed": 0}
+    finally:
+        release.set()
+        await holder
+
+
+class Crash(BaseException):
+    """Nothing in the writer catches this: it ends the thread."""
+
+
+async def test_a_dead_writer_thread_fails_its_callers_and_every_later_write(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(conn: Any, jobs: Any) -> Any:
+        raise Crash("bug")
+
+    monkeypatch.setattr(writer, "run_group", crash)
+    with capture_logs() as logs, pytest.raises(Crash):
+        await asyncio.wait_for(outbox._write(lambda conn: None), 10)
+    assert [e["event"] for e in logs] == ["outbox_writer_died"]
+    assert logs[0]["error"] == "Crash: bug"
+    with pytest.raises(writer.WriterStopped, match="died") as stopped:
+        await outbox._write(lambda conn: None)
+    assert isinstance(stopped.value.__cause__, Crash)
 
 
 # -- group commit ----------------------------------------------------------------------

@@ -25,13 +25,7 @@ import aiosqlite
 
 from relay.mapping import ParsedBatch
 from relay.outbox.batch import StoreResult, batch_job
-from relay.outbox.schema import (
-    BUSY_TIMEOUT_MS,
-    STATUS_COUNTS,
-    STATUS_COUNTS_ORDER,
-    OutboxError,
-    connect,
-)
+from relay.outbox.schema import BUSY_TIMEOUT_MS, OutboxError, connect, status_counts
 from relay.outbox.writer import WRITER_AUTOCHECKPOINT_PAGES, GroupWriter, chunks
 from relay.timeutil import Clock, format_ms, system_clock
 
@@ -94,8 +88,8 @@ class Outbox:
         min_free_bytes: int = 0,
         reader: sqlite3.Connection | None = None,
     ) -> None:
-        # The writer connection; tests and other modules reach it as ``_conn`` (to set
-        # per-connection PRAGMAs), and a read through it holds the writer's lock.
+        # The writer connection, used by the writer's thread; tests reach it as ``_conn``
+        # to set per-connection PRAGMAs while no write is under way.
         self._conn = conn
         self._group = GroupWriter(conn, _open_checkpointer(path))
         self._write = self._group.write
@@ -112,8 +106,8 @@ class Outbox:
 
         await asyncio.to_thread(prepare)
         try:
-            # check_same_thread: groups run in a worker thread, reads (counts) in
-            # aiosqlite's; the group writer's lock makes sure never two at once.
+            # check_same_thread: groups run in the writer's thread, the PRAGMAs below
+            # and close() in aiosqlite's, never at the same time.
             conn = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise OutboxError(f"{path}: cannot open: {exc}") from None
@@ -138,9 +132,8 @@ class Outbox:
 
     async def close(self) -> None:
         await self._group.close()
-        async with self._group.lock:
-            self._reader.close()
-            await self._conn.close()
+        self._reader.close()
+        await self._conn.close()
 
     def now(self) -> str:
         return format_ms(int(self.clock() * 1000))
@@ -294,11 +287,18 @@ class Outbox:
         await self._update("DELETE FROM relay_state WHERE key = ?", (key,))
 
     async def counts(self) -> dict[str, int]:
-        # Reads every status's partial index: off the loop, through the writer's connection.
-        async with self._group.lock, self._conn.execute(STATUS_COUNTS) as cursor:
-            row = await cursor.fetchone()
-            assert row is not None  # one row, always
-            return dict(zip(STATUS_COUNTS_ORDER, row, strict=True))
+        """Rows by status: pending, held, sent, failed (committed rows only)."""
+
+        # Every status's partial index, read off the loop on a connection of its own:
+        # it neither waits for the writer nor holds up a group.
+        def count() -> dict[str, int]:
+            conn = connect(self.path, readonly=True)
+            try:
+                return status_counts(conn)
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(count)
 
     async def check_writable(self) -> None:
         """Raise if a write transaction cannot be started (for readiness)."""
