@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,14 @@ TOKEN = "1234-5678-9097-8466"
 API_KEY = "test-api-key-0123456789"
 VIN = "WDB9634031L123456"
 VIN2 = "1HGCM82633A004352"
+VIN3 = "JH4KA7561PC008269"
+VIN4 = "5YJSA1E14HF000001"
+# The forwarder's tests: four vehicles, the first three mapped.
+A, B, C, D = "9876543", "1111111", "2222222", "3333333"
+VEHICLES = {A: VIN, B: VIN2, C: VIN3}
+BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+
+Start = Callable[..., Awaitable[TestClient]]
 
 
 @pytest.fixture(autouse=True)
@@ -247,3 +256,25 @@ async def outbox(db_path: Path, clock: Clock) -> AsyncIterator[Outbox]:
         yield box
     finally:
         await box.close()
+
+
+@pytest.fixture
+def start(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    make_config: Callable[..., Config],
+    cartrack: FakeCartrack,
+) -> Start:
+    """The real app delivering to the fake. The rescan is slow on purpose: rows must go
+    out because the webhook notified the forwarder, not because a timer found them."""
+
+    async def start(
+        rescan_seconds: float = 60.0,
+        rand: Callable[[], float] = random.random,
+        vehicles: dict[str, str] = VEHICLES,
+        **sections: Any,
+    ) -> TestClient:
+        config = make_config(url=cartrack.url, vehicles=vehicles, **sections)
+        app = create_app(config, rescan_seconds=rescan_seconds, rand=rand)
+        return await aiohttp_client(app)
+
+    return start

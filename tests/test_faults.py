@@ -1,14 +1,14 @@
 """Cartrack misbehaving in every way at once, against the real app and the real fake server.
 
-test_forwarder.py checks each row of SPEC §2's response table on its own; here the faults
-come mixed, as they do in production: a seeded plan gives every event its own run of
-500/502/503, 429 with Retry-After (delta-seconds and HTTP-date), dropped connections and
-answers slower than ``cartrack.timeout_seconds``; one vehicle has events Cartrack rejects
-(404, 422); a window of 401/403 pauses the relay; Cartrack goes away entirely and comes
-back on the same port. Whatever the mix, the outcome must be the same: every good event
-reaches Cartrack exactly once, exactly as SPEC §2 maps it, in time order per vehicle;
-rejected events end ``failed`` with Cartrack's status and detail and are sent again only
-after ``requeue``.
+test_forwarder.py and test_forwarder_pause.py check each row of SPEC §2's response table on
+its own; here the faults come mixed, as they do in production: a seeded plan gives every
+event its own run of 500/502/503, 429 with Retry-After (delta-seconds and HTTP-date),
+dropped connections and answers slower than ``cartrack.timeout_seconds``; one vehicle has
+events Cartrack rejects (404, 422); a window of 401/403 pauses the relay; Cartrack goes away
+entirely and comes back on the same port. Whatever the mix, the outcome must be the same:
+every good event reaches Cartrack exactly once, exactly as SPEC §2 maps it, in time order
+per vehicle; rejected events end ``failed`` with Cartrack's status and detail and are sent
+again only after ``requeue``.
 
 The seed is printed; ``RELAY_FAULT_SEED=<n>`` replays one mix.
 """
@@ -23,26 +23,33 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from conftest import VIN, VIN2, batch, position, post_batch, rows, wait_until
+from conftest import (
+    BASE_MS,
+    VEHICLES,
+    A,
+    B,
+    C,
+    Start,
+    batch,
+    position,
+    post_batch,
+    rows,
+    wait_until,
+)
 
 from relay import admin
-from relay.app import create_app
 from relay.config import Config
 from relay.devtools.fake_cartrack import FakeCartrack, Received, Response
 from relay.state import STATE
 from relay.timeutil import format_ms, parse_timestamp
 
-A, B, C = "9876543", "1111111", "2222222"
-VIN3 = "JH4KA7561PC008269"
-VEHICLES = {A: VIN, B: VIN2, C: VIN3}
-BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 TIMEOUT = 0.15  # cartrack.timeout_seconds: a "slow" answer takes twice as long
 SEEDS = (
     [int(os.environ["RELAY_FAULT_SEED"])] if os.environ.get("RELAY_FAULT_SEED") else [1, 20261122]
@@ -56,8 +63,6 @@ TRANSIENT_FAULTS = ("500", "502", "503", "429-delta", "429-date", "drop", "slow-
 # Drawn at random on top of one of each above; a 429 costs its lane a second, so they
 # come only once each, which keeps the test's length bounded whatever the seed.
 CHEAP_FAULTS = ("500", "502", "503", "drop", "slow-202", "slow-503")
-
-Start = Callable[..., Awaitable[TestClient]]
 
 
 def ts(i: int) -> str:
@@ -84,19 +89,16 @@ def index_of(event_id_: str) -> int:
 
 
 @pytest.fixture
-def start(
-    aiohttp_client: Callable[..., Awaitable[TestClient]],
-    make_config: Callable[..., Config],
-    cartrack: FakeCartrack,
-) -> Start:
-    async def start(rand: Callable[[], float] = random.random, **sections: Any) -> TestClient:
+def start(start: Start) -> Start:
+    """conftest's app with quick retries, a short Cartrack timeout and a 0.2 s rescan."""
+
+    async def quick(rand: Callable[[], float] = random.random, **sections: Any) -> TestClient:
         sections.setdefault("retry", {"initial_seconds": 0.02, "max_seconds": 0.1})
         sections.setdefault("cartrack", {})
         sections["cartrack"] = {"timeout_seconds": TIMEOUT, **sections["cartrack"]}
-        config = make_config(url=cartrack.url, vehicles=VEHICLES, **sections)
-        return await aiohttp_client(create_app(config, rescan_seconds=0.2, rand=rand))
+        return await start(rescan_seconds=0.2, rand=rand, vehicles=VEHICLES, **sections)
 
-    return start
+    return quick
 
 
 # -- the batches and the events SPEC §2 makes of them ------------------------------------------
