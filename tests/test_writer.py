@@ -327,3 +327,71 @@ async def test_a_failed_commit_fails_every_caller_of_the_group(
     await outbox._conn.execute("PRAGMA max_page_count = 1073741823")
     assert table(db_path, "SELECT count(*) FROM positions") == [(0,)]
     assert (await store(outbox, big_batch(50))).accepted == 51
+
+
+# -- statement sizes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("count", "size"),
+    [(1, 1), (3, 4), (17, 32), (64, 64), (65, 100), (101, 150), (499, 500), (500, 500)],
+)
+def test_padded_size(count: int, size: int) -> None:
+    assert writer.padded_size(count) == size
+
+
+def test_a_padded_in_list_has_the_same_items() -> None:
+    for n in range(1, 501):
+        padded = writer.padded_in(list(range(n)))
+        assert len(padded) == writer.padded_size(n)
+        assert set(padded) == set(range(n))
+
+
+class Recorder:
+    """A connection that records the statement texts it is asked to run."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.texts: list[str] = []
+
+    @property
+    def total_changes(self) -> int:
+        return self.conn.total_changes
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        self.texts.append(sql)
+        return self.conn.execute(sql, params)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE t (k TEXT NOT NULL UNIQUE, v INTEGER)")
+    return Recorder(conn)
+
+
+def test_inserts_of_any_size_store_exactly_their_rows_with_a_few_statement_texts(
+    recorder: Recorder,
+) -> None:
+    # Every size from 1 to 501 rows, and two that take several statements: unpadded,
+    # each size would be a statement of its own for SQLite to prepare.
+    template = "INSERT OR IGNORE INTO t (k, v) VALUES {rows}"
+    stored = 0
+    for n in [*range(1, 502), 999, 1200]:
+        rows = [(f"{n}:{i}", i) for i in range(n)]
+        assert writer.insert_rows(recorder, template, rows) == n
+        stored += n
+    assert recorder.conn.execute("SELECT count(*), sum(v) FROM t").fetchone() == (
+        stored,
+        sum(i * (i - 1) // 2 for i in [*range(1, 502), 999, 1200]),
+    )
+    assert len(set(recorder.texts)) == len(writer.SIZES)
+    # Rows stored already still count as not changed, whatever the padding copies.
+    assert writer.insert_rows(recorder, template, [("1:0", 0), ("new", 1), ("2:1", 1)]) == 1
+
+
+def test_only_insert_or_ignore_is_padded(recorder: Recorder) -> None:
+    # A copy of a row would fail a plain INSERT, and be counted twice by an upsert.
+    rows = [("a", 1), ("b", 2), ("c", 3)]
+    assert writer.insert_rows(recorder, "INSERT INTO t (k, v) VALUES {rows}", rows) == 3
+    assert recorder.texts == ["INSERT INTO t (k, v) VALUES (?,?),(?,?),(?,?)"]

@@ -26,7 +26,7 @@ from relay.mapping import (
     event_id,
     event_types,
 )
-from relay.outbox.writer import Uncombinable, chunks, insert_flat, insert_rows
+from relay.outbox.writer import Uncombinable, chunks, insert_flat, insert_rows, padded_in
 from relay.timeutil import format_ms, parse_instant
 
 _CHUNK = 500  # bound on SQL variables per statement
@@ -294,11 +294,11 @@ def _load_states(conn: sqlite3.Connection, vehicle_ids: Sequence[str]) -> dict[s
     # One row for all vehicles (a JSON array): one SQLite step, one GIL handoff.
     states: dict[str, VehicleState] = {}
     for chunk in chunks(vehicle_ids, _CHUNK):
-        marks = ",".join("?" * len(chunk))
+        padded = padded_in(chunk)  # a few statement texts, each prepared once
         (found,) = conn.execute(
             "SELECT json_group_array(json_array(vehicle_id, last_ts, ignition))"
-            f" FROM vehicle_state WHERE vehicle_id IN ({marks})",
-            chunk,
+            f" FROM vehicle_state WHERE vehicle_id IN ({','.join('?' * len(padded))})",
+            padded,
         ).fetchone()
         for vid, last_ts, ignition in orjson.loads(found):
             states[vid] = VehicleState(parse_instant(last_ts)[0], bool(ignition))

@@ -26,7 +26,7 @@ import aiosqlite
 from relay.mapping import ParsedBatch
 from relay.outbox.batch import StoreResult, batch_job
 from relay.outbox.schema import BUSY_TIMEOUT_MS, OutboxError, connect, status_counts
-from relay.outbox.writer import WRITER_AUTOCHECKPOINT_PAGES, GroupWriter, chunks
+from relay.outbox.writer import WRITER_AUTOCHECKPOINT_PAGES, GroupWriter, chunks, padded_in
 from relay.timeutil import Clock, format_ms, system_clock
 
 _CHUNK = 500  # bound on SQL variables per statement
@@ -108,7 +108,11 @@ class Outbox:
         try:
             # check_same_thread: groups run in the writer's thread, the PRAGMAs below
             # and close() in aiosqlite's, never at the same time.
-            conn = await aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
+            # cached_statements: the writer's statements come in writer.SIZES, some dozens
+            # of texts besides the upserts of vehicle states; 128 would be tight.
+            conn = await aiosqlite.connect(
+                path, isolation_level=None, check_same_thread=False, cached_statements=256
+            )
         except sqlite3.Error as exc:
             raise OutboxError(f"{path}: cannot open: {exc}") from None
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -202,14 +206,15 @@ class Outbox:
             # runs beside the event loop instead of on it.
             for status, ids in by_status.items():
                 for chunk in chunks(ids, _CHUNK):
+                    padded = padded_in(chunk)  # a few statement texts, each prepared once
                     conn.execute(
                         "UPDATE positions SET status = 'sent', sent_at = ?, updated_at = ?,"
                         " attempts = attempts + 1, last_status = ?, last_error = NULL"
-                        f" WHERE id IN ({','.join('?' * len(chunk))})"
+                        f" WHERE id IN ({','.join('?' * len(padded))})"
                         # 'held' too: a vehicle unmapped while its event was in flight has
                         # still been delivered, and must not be re-sent on release.
                         " AND (status = 'pending' OR status = 'held')",
-                        (now, now, status, *chunk),
+                        (now, now, status, *padded),
                     )
 
         await self._write(work)

@@ -20,6 +20,7 @@ COMMIT where every waiting webhook would wait for them too.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import functools
@@ -47,6 +48,11 @@ WRITER_AUTOCHECKPOINT_PAGES = 8000
 # Bound on the rows per multi-row statement (x 10 columns: within SQLite's 32,766
 # variables); 500 keeps every Frotcom batch of usual size to one statement.
 ROWS_PER_STATEMENT = 500
+# Statement sizes: an INSERT OR IGNORE (and an IN list) is padded up to the next of
+# these, so that whatever the batch sizes a few dozen statement texts are prepared
+# once and reused from the connection's cache. Preparing a positions INSERT costs
+# ~3.1-3.5 us per row, about what inserting the row does.
+SIZES = (1, 2, 4, 8, 16, 32, 64, 100, 150, 200, 250, 300, 350, 400, 450, 500)
 
 
 @dataclass(eq=False, slots=True)
@@ -316,13 +322,34 @@ def insert_rows(conn: sqlite3.Connection, template: str, rows: Sequence[Sequence
 
 
 def insert_flat(conn: sqlite3.Connection, template: str, width: int, values: list[Any]) -> int:
-    """insert_rows for rows laid end to end, ``width`` values each (made off the writer)."""
+    """insert_rows for rows laid end to end, ``width`` values each (made off the writer).
+
+    An INSERT OR IGNORE is padded to its statement size with copies of its first row:
+    the first copy that is new goes in, the others conflict with it and are ignored,
+    so the rows changed are the same.
+    """
     before = conn.total_changes
     step = ROWS_PER_STATEMENT * width
+    pad = template.startswith("INSERT OR IGNORE ")
     for start in range(0, len(values), step):
         chunk = values[start : start + step]
-        conn.execute(_statement(template, width, len(chunk) // width), chunk)
+        rows = len(chunk) // width
+        if pad:
+            size = padded_size(rows)
+            chunk += chunk[:width] * (size - rows)
+            rows = size
+        conn.execute(_statement(template, width, rows), chunk)
     return conn.total_changes - before
+
+
+def padded_size(count: int) -> int:
+    """The statement size ``count`` rows or IN-list items (1 to 500) are padded up to."""
+    return SIZES[bisect.bisect_left(SIZES, count)]
+
+
+def padded_in(items: Sequence[T]) -> list[T]:
+    """An IN list padded to its statement size by repeating its last item: same answer."""
+    return [*items, *itertools.repeat(items[-1], padded_size(len(items)) - len(items))]
 
 
 def chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
