@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -159,6 +160,15 @@ def positions_body(
             }
         )
     return {"PvtMessages": messages}
+
+
+def per_vehicle(batch_no: int, vary: bool) -> int:
+    """Positions per vehicle in batch ``batch_no``: 10, or 1-19 (mean 10) when sizes vary.
+
+    Drawn from the batch number, so the load generator and the ceiling agree on every
+    batch without talking to each other. Frotcom's batches are not all one size.
+    """
+    return random.Random(batch_no).randint(1, 19) if vary else 10
 
 
 def outbox_rows(
@@ -434,6 +444,7 @@ def loadgen_args(
     duration: float,
     fleet_size: int | None = None,
     rate: float | None = None,
+    vary: bool = False,
 ) -> list[str]:
     """The arguments of a ``bench.loadgen`` run, for ``sys.executable``."""
     args = ["-m", "bench.loadgen", "--url", url, "--senders", str(senders)]
@@ -442,6 +453,8 @@ def loadgen_args(
         args += ["--fleet", str(fleet_size)]
     if rate is not None:
         args += ["--rate", str(rate)]
+    if vary:
+        args.append("--vary")
     return args
 
 

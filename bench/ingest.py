@@ -29,6 +29,7 @@ from bench.common import (
     loadavg,
     loadgen_args,
     outbox_rows,
+    per_vehicle,
     positions_body,
     print_header,
     print_table,
@@ -61,7 +62,13 @@ def ceiling(directory: Path, rows: list[tuple[Any, ...]], per_txn: int) -> float
 
 
 def relay_run(
-    directory: Path, senders: int, batches: int, base_ms: int, event_loop: str, round_no: int = 1
+    directory: Path,
+    senders: int,
+    batches: int,
+    base_ms: int,
+    event_loop: str,
+    round_no: int = 1,
+    vary: bool = False,
 ) -> dict[str, Any]:
     run_dir = directory / f"relay-{senders}-{event_loop}-{round_no}"
     run_dir.mkdir()
@@ -71,7 +78,7 @@ def relay_run(
     with relay:
         cpu0 = cpu_seconds(relay.pid)
         result = run_json(
-            loadgen_args(relay.url, senders, batches, base_ms, 90, fleet_size=FLEET),
+            loadgen_args(relay.url, senders, batches, base_ms, 90, fleet_size=FLEET, vary=vary),
             timeout=300,
         )
         result["cpu_s"] = cpu_seconds(relay.pid) - cpu0
@@ -88,16 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batches", type=int, default=20 if QUICK else 1500)
     p.add_argument("--senders", type=int, nargs="+", default=[8, 32])
+    p.add_argument(
+        "--vary",
+        action="store_true",
+        help="batches of 10-190 positions (mean 100) instead of all 100; the ceiling"
+        " inserts the same rows, still 100 per transaction",
+    )
     add_comparison_options(p, rounds=3)
     args = p.parse_args(argv)
     print_header(
-        f"ingest: {args.batches} requests of 100 positions per run, {args.rounds} round(s)"
+        f"ingest: {args.batches} requests of {'10-190 (mean 100)' if args.vary else '100'}"
+        f" positions per run, {args.rounds} round(s)"
     )
     base_ms = int(time.time() * 1000) - 20 * 86_400_000
     received_ms = int(time.time() * 1000)
     rows: list[tuple[Any, ...]] = []
     for b in range(args.batches):
-        rows += outbox_rows(positions_body(b, base_ms, FLEET), received_ms, "held")
+        body = positions_body(b, base_ms, FLEET, per_vehicle=per_vehicle(b, args.vary))
+        rows += outbox_rows(body, received_ms, "held")
     results: dict[str, Any] = {"load_before": loadavg()}
     ceilings: list[float] = []
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -111,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 for loop in args.event_loops:
                     progress(f"round {n}: relay, {senders} senders, {loop}")
                     runs.setdefault(f"{senders} senders, {loop}", []).append(
-                        relay_run(directory, senders, args.batches, base_ms, loop, n)
+                        relay_run(directory, senders, args.batches, base_ms, loop, n, args.vary)
                     )
         progress("ceiling once more, then batch 1000")
         ceilings.append(ceiling(directory, rows, 100))

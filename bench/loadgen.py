@@ -26,7 +26,7 @@ import time
 
 from yarl import URL
 
-from bench.common import TOKEN, percentile, positions_body
+from bench.common import TOKEN, per_vehicle, percentile, positions_body
 
 
 class HttpError(Exception):
@@ -53,7 +53,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     host, port = url.host or "127.0.0.1", url.port or 80
     requests = []
     for i in range(args.batches):
-        body = json.dumps(positions_body(args.first_batch + i, args.base_ms, args.fleet)).encode()
+        batch_no = args.first_batch + i
+        per = per_vehicle(batch_no, args.vary)
+        body = json.dumps(positions_body(batch_no, args.base_ms, args.fleet, per_vehicle=per))
+        body = body.encode()
         head = (
             f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             f"Authorization: {TOKEN}\r\nContent-Type: application/json\r\n"
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=1000)
     p.add_argument("--first-batch", type=int, default=0)
     p.add_argument("--fleet", type=int, default=1000)
+    p.add_argument(
+        "--vary", action="store_true", help="batches of 10-190 positions (mean 100), not all 100"
+    )
     p.add_argument("--base-ms", type=int, required=True)
     p.add_argument("--rate", type=float, default=0.0, help="offered positions/s (0: closed loop)")
     p.add_argument("--duration", type=float, default=120.0, help="hard bound, seconds")

@@ -44,6 +44,21 @@ def test_ingest_prints_relay_and_ceiling(capsys: pytest.CaptureFixture[str]) -> 
     assert "errors: 0" in out
 
 
+def test_ingest_with_batches_of_varying_size(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--batches", "4", "--senders", "2", "--rounds", "1", "--event-loops", "asyncio"]
+    assert ingest.main([*args, "--vary"]) == 0
+    out = capsys.readouterr().out
+    assert "requests of 10-190 (mean 100) positions" in out
+    assert all(is_number(c) for c in row(out, "relay, 2 senders, asyncio"))
+    assert "errors: 0" in out
+    # Sizes come from the batch number alone (the load generator and the ceiling each
+    # draw them), 1-19 positions per vehicle, 100 per batch on average.
+    sizes = [common.per_vehicle(b, vary=True) for b in range(1000)]
+    assert (min(sizes), max(sizes)) == (1, 19)
+    assert 9.5 < sum(sizes) / len(sizes) < 10.5
+    assert {common.per_vehicle(b, vary=False) for b in range(10)} == {10}
+
+
 def test_forward_drains_the_backlog_and_prints_the_ratio(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
