@@ -98,12 +98,14 @@ def create_app(
         state.forwarder = forwarder
         state.forwarder_task = supervise(app, forwarder.run(), "forwarder")
         summaries = supervise(app, summary_loop(forwarder), "failure-summaries")
+        writer = supervise(app, outbox.watch_writer(), "outbox-writer")
         try:
             yield
         finally:
             await forwarder.stop()
-            summaries.cancel()
-            await asyncio.gather(summaries, return_exceptions=True)
+            for task in (summaries, writer):
+                task.cancel()
+            await asyncio.gather(summaries, writer, return_exceptions=True)
             timeout = config.server.shutdown_timeout_seconds
             if state.stopping_since is not None:
                 elapsed = asyncio.get_running_loop().time() - state.stopping_since

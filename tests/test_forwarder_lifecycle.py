@@ -41,8 +41,9 @@ from forwarder_helpers import (
 from relay.app import create_app, reload_vehicles
 from relay.config import Config
 from relay.devtools.fake_cartrack import FakeCartrack, Response
+from relay.outbox import writer
 from relay.outbox.storage import Outbox
-from relay.state import STATE
+from relay.state import OUTBOX, STATE
 
 # -- held vehicles and the vehicle map -------------------------------------------------------
 
@@ -224,6 +225,36 @@ async def test_rescan_crash_resolves_fatal_and_is_logged(
     [crash] = events_named(logs, "task_crashed")
     assert crash["task"] == "forwarder"
     assert crash["log_level"] == "critical"
+
+
+class WriterCrash(BaseException):
+    """Nothing in the writer catches this: it ends the writer's thread."""
+
+
+async def test_a_dead_outbox_writer_resolves_fatal_and_is_logged(
+    start: Start, monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, Any]]
+) -> None:
+    # Every write would fail from then on: the daemon must stop (and systemd restart
+    # it), not carry on answering 500s.
+    def crash(conn: Any, jobs: Any) -> Any:
+        raise WriterCrash("bug in the writer's thread")
+
+    client = await start()
+    monkeypatch.setattr(writer, "run_group", crash)
+    with pytest.raises(WriterCrash):
+        await client.app[OUTBOX].check_writable()
+    fatal = client.app[STATE].fatal
+    assert fatal is not None
+    error = await asyncio.wait_for(asyncio.shield(fatal), 5)
+    # The writer's watch, or a task whose write failed first (WriterStopped, caused by it).
+    assert isinstance(error, WriterCrash) or isinstance(error.__cause__, WriterCrash)
+    [died] = events_named(logs, "outbox_writer_died")
+    assert died["log_level"] == "critical"
+    assert died["error"] == "WriterCrash: bug in the writer's thread"
+    # Other tasks whose writes failed with it may crash too; the writer's own watch must.
+    await wait_until(
+        lambda: "outbox-writer" in [e["task"] for e in events_named(logs, "task_crashed")]
+    )
 
 
 async def test_lane_crash_resolves_fatal_and_is_logged(

@@ -132,14 +132,25 @@ async def test_a_dead_writer_thread_fails_its_callers_and_every_later_write(
     def crash(conn: Any, jobs: Any) -> Any:
         raise Crash("bug")
 
+    watching = asyncio.ensure_future(outbox.watch_writer())  # what the daemon supervises
     monkeypatch.setattr(writer, "run_group", crash)
     with capture_logs() as logs, pytest.raises(Crash):
         await asyncio.wait_for(outbox._write(lambda conn: None), 10)
     assert [e["event"] for e in logs] == ["outbox_writer_died"]
     assert logs[0]["error"] == "Crash: bug"
+    with pytest.raises(Crash):
+        await asyncio.wait_for(watching, 10)
     with pytest.raises(writer.WriterStopped, match="died") as stopped:
         await outbox._write(lambda conn: None)
     assert isinstance(stopped.value.__cause__, Crash)
+
+
+async def test_the_watch_waits_while_the_writer_lives(outbox: Outbox) -> None:
+    watching = asyncio.ensure_future(outbox.watch_writer())
+    await outbox._write(lambda conn: None)
+    await outbox._write(lambda conn: None)
+    assert not watching.done()
+    watching.cancel()
 
 
 # -- group commit ----------------------------------------------------------------------

@@ -134,6 +134,10 @@ class Outbox:
             raise OutboxError(f"{path}: cannot open: {exc}") from None
         return cls(conn, path, clock, min_free_bytes, reader)
 
+    async def watch_writer(self) -> None:
+        """Raise when the writer's thread has died (see GroupWriter.watch)."""
+        await self._group.watch()
+
     async def close(self) -> None:
         await self._group.close()
         self._reader.close()

@@ -97,6 +97,7 @@ class GroupWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._died: BaseException | None = None
+        self._death: asyncio.Future[None] | None = None
 
     async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in a write transaction; returns once that transaction committed."""
@@ -119,6 +120,24 @@ class GroupWriter:
             self._wakeup.notify()
         result: T = await job.future
         return result
+
+    async def watch(self) -> None:
+        """Return never while the writer's thread lives; raise what killed it.
+
+        The daemon runs this as a supervised task, so that a dead writer stops the
+        service loudly instead of answering every write with an error.
+        """
+        if self._death is None:
+            self._death = asyncio.get_running_loop().create_future()
+            with self._wakeup:
+                died = self._died
+            if died is not None:
+                self._death.set_exception(died)
+        await self._death
+
+    def _mark_dead(self, exc: BaseException) -> None:
+        if self._death is not None and not self._death.done():
+            self._death.set_exception(exc)
 
     async def close(self) -> None:
         """Finish the queued jobs and a running checkpoint, stop the thread, close up."""
@@ -170,6 +189,8 @@ class GroupWriter:
                 orphans = list(self._queue)
                 self._queue.clear()
             self._hand_back(loop, [(job, exc) for job in jobs + orphans], 0)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._mark_dead, exc)
 
     def _hand_back(
         self, loop: asyncio.AbstractEventLoop, outcomes: list[tuple[Job, Any]], changes: int
