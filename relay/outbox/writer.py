@@ -181,8 +181,8 @@ class GroupWriter:
                 self._hand_back(loop, outcomes, changes)
                 jobs = []
         except BaseException as exc:
-            # Not re-raised: the callers and every later write hear of it instead, and
-            # the daemon's supervised tasks stop it on their first failed write.
+            # Not re-raised: the callers, every later write and watch() hear of it
+            # instead; the daemon supervises watch(), so it stops.
             log.critical("outbox_writer_died", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
             with self._wakeup:
                 self._died = exc
