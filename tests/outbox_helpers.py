@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from conftest import NOW_MS, VIN, VIN2, batch, position, rows
+from conftest import NOW_MS, VIN, VIN2, batch, position, rows, wait_until
 
 from relay.mapping import ParsedBatch, parse_batch
 from relay.outbox.storage import Outbox, StoreResult
@@ -52,3 +55,40 @@ def big_batch(n: int = 1500) -> dict[str, Any]:
         ("5555555", [position(stamps[0])]),
         ("9876543", [position(stamps[0], lat=-100)]),
     )
+
+
+def statements(box: Outbox) -> list[str]:
+    """Every statement the writer connection runs from now on (BEGIN, COMMIT, ...)."""
+    seen: list[str] = []
+    box._conn._conn.set_trace_callback(seen.append)
+    return seen
+
+
+async def in_one_group(
+    box: Outbox, *writes: Awaitable[Any], return_exceptions: bool = False
+) -> tuple[list[Any], list[str]]:
+    """Run ``writes`` so that all of them wait behind a held writer: one group.
+
+    Jobs that arrive while a group runs go into the next one together. Holding the
+    writer's thread inside a job until every write is queued makes that grouping
+    certain rather than a matter of timing. Returns the writes' outcomes and the
+    statements of their group.
+    """
+    started, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(10)
+
+    holder = asyncio.ensure_future(box._write(hold))
+    try:
+        assert await asyncio.to_thread(started.wait, 10)
+        seen = statements(box)
+        tasks = [asyncio.ensure_future(w) for w in writes]
+        await wait_until(lambda: len(box._group._queue) >= len(tasks))
+    finally:
+        release.set()
+        await holder
+    results = await asyncio.gather(*tasks, return_exceptions=return_exceptions)
+    assert seen[0] == "COMMIT"  # the holder's
+    return results, seen[1:]

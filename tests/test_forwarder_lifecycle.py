@@ -236,7 +236,7 @@ async def test_a_dead_outbox_writer_resolves_fatal_and_is_logged(
 ) -> None:
     # Every write would fail from then on: the daemon must stop (and systemd restart
     # it), not carry on answering 500s.
-    def crash(conn: Any, jobs: Any) -> Any:
+    def crash(conn: Any, jobs: Any, listener: Any) -> Any:
         raise WriterCrash("bug in the writer's thread")
 
     client = await start()

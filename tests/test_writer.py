@@ -5,56 +5,17 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NOW_MS, batch, position, wait_until
-from outbox_helpers import big_batch, store, table, ts, types
+from conftest import NOW_MS, batch, position
+from outbox_helpers import big_batch, in_one_group, statements, store, table, ts, types
 from structlog.testing import capture_logs
 
 from relay.outbox import writer
 from relay.outbox.storage import Outbox, StoreResult
 from relay.timeutil import format_ms
-
-
-def statements(box: Outbox) -> list[str]:
-    """Every statement the writer connection runs from now on (BEGIN, COMMIT, ...)."""
-    seen: list[str] = []
-    box._conn._conn.set_trace_callback(seen.append)
-    return seen
-
-
-async def in_one_group(
-    box: Outbox, *writes: Awaitable[Any], return_exceptions: bool = False
-) -> tuple[list[Any], list[str]]:
-    """Run ``writes`` so that all of them wait behind a held writer: one group.
-
-    Jobs that arrive while a group runs go into the next one together. Holding the
-    writer's thread inside a job until every write is queued makes that grouping
-    certain rather than a matter of timing. Returns the writes' outcomes and the
-    statements of their group.
-    """
-    started, release = threading.Event(), threading.Event()
-
-    def hold(conn: sqlite3.Connection) -> None:
-        started.set()
-        release.wait(10)
-
-    holder = asyncio.ensure_future(box._write(hold))
-    try:
-        assert await asyncio.to_thread(started.wait, 10)
-        seen = statements(box)
-        tasks = [asyncio.ensure_future(w) for w in writes]
-        await wait_until(lambda: len(box._group._queue) >= len(tasks))
-    finally:
-        release.set()
-        await holder
-    results = await asyncio.gather(*tasks, return_exceptions=return_exceptions)
-    assert seen[0] == "COMMIT"  # the holder's
-    return results, seen[1:]
-
 
 # -- the thread ------------------------------------------------------------------------
 
@@ -129,7 +90,7 @@ class Crash(BaseException):
 async def test_a_dead_writer_thread_fails_its_callers_and_every_later_write(
     outbox: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crash(conn: Any, jobs: Any) -> Any:
+    def crash(conn: Any, jobs: Any, listener: Any) -> Any:
         raise Crash("bug")
 
     watching = asyncio.ensure_future(outbox.watch_writer())  # what the daemon supervises
@@ -192,6 +153,7 @@ async def test_a_group_takes_a_handful_of_statements_whatever_its_size(outbox: O
     ]
     assert [s.split(" (")[0].split(" VALUES")[0] for s in seen] == [
         "BEGIN IMMEDIATE",
+        "PRAGMA data_version",  # the states of vehicles seen before are kept (test_states)
         "SELECT json_group_array(json_array(vehicle_id, last_ts, ignition)) FROM vehicle_state"
         " WHERE vehicle_id IN",
         "INSERT OR IGNORE INTO positions",  # rows 1-500 of the 1,101

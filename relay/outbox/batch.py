@@ -26,10 +26,10 @@ from relay.mapping import (
     event_id,
     event_types,
 )
-from relay.outbox.writer import Uncombinable, chunks, insert_flat, insert_rows, padded_in
-from relay.timeutil import format_ms, parse_instant
+from relay.outbox.states import VehicleStates, load_states
+from relay.outbox.writer import Uncombinable, insert_flat, insert_rows
+from relay.timeutil import format_ms
 
-_CHUNK = 500  # bound on SQL variables per statement
 _WIDTH = 10  # values per positions row (INSERT_POSITION)
 
 
@@ -74,10 +74,18 @@ def fingerprint(vehicle_id: str | None, raw: Any) -> str:
 
 
 def batch_job(
-    batch: ParsedBatch, vehicles: Mapping[str, str], provider: str, received_ms: int
+    batch: ParsedBatch,
+    vehicles: Mapping[str, str],
+    provider: str,
+    received_ms: int,
+    states: VehicleStates | None = None,
 ) -> BatchJob:
-    """The write job that stores one request's positions and quarantined input."""
-    return BatchJob(batch, vehicles, provider, received_ms)
+    """The write job that stores one request's positions and quarantined input.
+
+    ``states``: the writer's cache of committed vehicle states; without one, every
+    group reads its vehicles' states from the database.
+    """
+    return BatchJob(batch, vehicles, provider, received_ms, states)
 
 
 class BatchJob:
@@ -89,8 +97,14 @@ class BatchJob:
     """
 
     def __init__(
-        self, batch: ParsedBatch, vehicles: Mapping[str, str], provider: str, received_ms: int
+        self,
+        batch: ParsedBatch,
+        vehicles: Mapping[str, str],
+        provider: str,
+        received_ms: int,
+        states: VehicleStates | None = None,
     ) -> None:
+        self.states = states
         received_at = self.received_at = format_ms(received_ms)
         self.positions = len(batch.positions)
         self.rejected = len(batch.rejected)
@@ -133,7 +147,11 @@ class BatchJob:
 
     def __call__(self, conn: sqlite3.Connection) -> StoreResult:
         """This request alone: its own statements and its own counts of what was new."""
-        pending, held, changed = self._typed(_load_states(conn, list(self.by_vehicle)))
+        if self.states is not None:
+            # Run alone in a savepoint that may yet roll back: the cache cannot know
+            # which states stick, so these vehicles are read again next time.
+            self.states.forget(self.by_vehicle)
+        pending, held, changed = self._typed(load_states(conn, list(self.by_vehicle)))
         stored_pending = insert_flat(conn, INSERT_POSITION, _WIDTH, pending)
         stored_held = insert_flat(conn, INSERT_POSITION, _WIDTH, held)
         insert_rows(conn, INSERT_QUARANTINE, self.quarantined)
@@ -149,7 +167,9 @@ class BatchJob:
         per-request counts assume every position is new; when one is not (a re-sent
         batch), this raises Uncombinable and the writer runs each job on its own.
         """
-        states = _load_states(conn, sorted({v for job in jobs for v in job.by_vehicle}))
+        vehicle_ids = sorted({v for job in jobs for v in job.by_vehicle})
+        cache = jobs[0].states
+        states = load_states(conn, vehicle_ids) if cache is None else cache.load(conn, vehicle_ids)
         values: list[Any] = []
         quarantined: list[Sequence[Any]] = []
         changed: dict[str, tuple[str, str, int, str]] = {}
@@ -165,6 +185,8 @@ class BatchJob:
             raise Uncombinable("a position of the group is stored already")
         insert_rows(conn, INSERT_QUARANTINE, quarantined)
         insert_rows(conn, UPSERT_STATE, list(changed.values()))
+        if cache is not None:
+            cache.stage({v: states[v] for v in changed})
         return results
 
     def _typed(
@@ -288,18 +310,3 @@ def _retyped(row: tuple[Any, ...], event_type: str) -> tuple[Any, ...]:
         raise ValueError(f"payload does not start with {_PERIODIC!r}")
     retyped = f'{{"event_type":"{event_type}",{payload[len(_PERIODIC) :]}'
     return (*row[:3], event_type, *row[4:8], retyped, row[9])
-
-
-def _load_states(conn: sqlite3.Connection, vehicle_ids: Sequence[str]) -> dict[str, VehicleState]:
-    # One row for all vehicles (a JSON array): one SQLite step, one GIL handoff.
-    states: dict[str, VehicleState] = {}
-    for chunk in chunks(vehicle_ids, _CHUNK):
-        padded = padded_in(chunk)  # a few statement texts, each prepared once
-        (found,) = conn.execute(
-            "SELECT json_group_array(json_array(vehicle_id, last_ts, ignition))"
-            f" FROM vehicle_state WHERE vehicle_id IN ({','.join('?' * len(padded))})",
-            padded,
-        ).fetchone()
-        for vid, last_ts, ignition in orjson.loads(found):
-            states[vid] = VehicleState(parse_instant(last_ts)[0], bool(ignition))
-    return states

@@ -26,6 +26,7 @@ import aiosqlite
 from relay.mapping import ParsedBatch
 from relay.outbox.batch import StoreResult, batch_job
 from relay.outbox.schema import BUSY_TIMEOUT_MS, OutboxError, connect, status_counts
+from relay.outbox.states import VehicleStates
 from relay.outbox.writer import WRITER_AUTOCHECKPOINT_PAGES, GroupWriter, chunks, padded_in
 from relay.timeutil import Clock, format_ms, system_clock
 
@@ -91,7 +92,9 @@ class Outbox:
         # The writer connection, used by the writer's thread; tests reach it as ``_conn``
         # to set per-connection PRAGMAs while no write is under way.
         self._conn = conn
-        self._group = GroupWriter(conn, _open_checkpointer(path))
+        # Vehicle states as committed, so that webhook groups need not read them.
+        self._states = VehicleStates()
+        self._group = GroupWriter(conn, _open_checkpointer(path), self._states)
         self._write = self._group.write
         self._reader = reader if reader is not None else _open_reader(path)
         self.path = path
@@ -170,7 +173,7 @@ class Outbox:
     ) -> StoreResult:
         """Store one request's positions and quarantined input in one transaction."""
         self.check_free_space()
-        return await self._write(batch_job(batch, vehicles, provider, received_ms))
+        return await self._write(batch_job(batch, vehicles, provider, received_ms, self._states))
 
     # -- forwarding ----------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import structlog
@@ -61,6 +61,18 @@ class Job:
     future: asyncio.Future[Any]
 
 
+class TransactionListener(Protocol):
+    """Told, in the writer's thread, how each of its transactions ended.
+
+    For caches of what the writer wrote (``relay.outbox.states``): what a job wrote is
+    known to be stored only after ``committed``.
+    """
+
+    def committed(self) -> None: ...
+
+    def rolled_back(self) -> None: ...
+
+
 class TransactionLost(Exception):
     """SQLite rolled the whole transaction back on its own (I/O error, disk full)."""
 
@@ -85,8 +97,14 @@ class GroupWriter:
     thread woken directly; writer busy 68% against 96%).
     """
 
-    def __init__(self, conn: aiosqlite.Connection, checkpointer: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        checkpointer: sqlite3.Connection,
+        listener: TransactionListener | None = None,
+    ) -> None:
         self.conn = conn
+        self._listener = listener
         self.checkpoint: asyncio.Future[None] | None = None
         self._checkpointer = checkpointer
         self._changes_since_checkpoint = 0
@@ -172,7 +190,7 @@ class GroupWriter:
                     jobs = list(self._queue)
                     self._queue.clear()
                 try:
-                    outcomes, retry, changes = run_group(conn, jobs)
+                    outcomes, retry, changes = run_group(conn, jobs, self._listener)
                 except Exception as exc:  # a bug, or the connection closed under us
                     outcomes, retry, changes = [(job, exc) for job in jobs], [], 0
                 if retry:
@@ -211,7 +229,7 @@ class GroupWriter:
 
 
 def run_group(
-    conn: sqlite3.Connection, jobs: Sequence[Job]
+    conn: sqlite3.Connection, jobs: Sequence[Job], listener: TransactionListener | None = None
 ) -> tuple[list[tuple[Job, Any]], list[Job], int]:
     """One transaction for a group of jobs, in the writer's thread.
 
@@ -225,6 +243,9 @@ def run_group(
     back and begun again, and every job runs alone in its own savepoint, so a failing
     job undoes its own writes only. Jobs are functions of the database, so running one
     twice gives the answer it would have given once.
+
+    ``listener`` hears ``committed`` after the COMMIT, ``rolled_back`` after any
+    transaction begun here did not commit (or may not have).
     """
     live = [job for job in jobs if not job.future.done()]  # done: the caller is gone
     if not live:
@@ -234,6 +255,7 @@ def run_group(
         conn.execute("BEGIN IMMEDIATE")
     except Exception as exc:
         return [(job, exc) for job in live], [], 0
+    committed = False
     outcomes: list[tuple[Job, Any]] = []
     try:
         n = 0
@@ -264,6 +286,8 @@ def run_group(
             # Rare (a re-sent batch, a job's own error): start over, one
             # savepoint per job. A BEGIN that fails now answers every job below.
             conn.execute("ROLLBACK")
+            if listener is not None:
+                listener.rolled_back()
             conn.execute("BEGIN IMMEDIATE")
             for n, job in enumerate(live):
                 outcome = run_job(conn, job.work)
@@ -273,12 +297,19 @@ def run_group(
                     return lost, live[n + 1 :], 0
                 outcomes.append((job, outcome))
         conn.execute("COMMIT")
+        committed = True
     except Exception as exc:
         # A failed COMMIT (disk full, I/O error) may already have rolled back.
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
         return [(job, exc) for job in live], [], 0
+    finally:
+        if listener is not None:
+            if committed:
+                listener.committed()
+            else:
+                listener.rolled_back()
     return outcomes, [], conn.total_changes - before
 
 
