@@ -59,19 +59,23 @@ def create_app(
         app.cleanup_ctx.append(probe_listener)
 
     async def outbox_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Resolved by the first supervised task to die (see supervise); serve waits on it.
+        app[STATE].fatal = asyncio.get_running_loop().create_future()
         outbox = await Outbox.open(config.outbox.path, clock, config.outbox.min_free_bytes)
         app[OUTBOX] = outbox
         log.info("outbox_opened", path=str(config.outbox.path))
+        writer = supervise(app, outbox.watch_writer(), "outbox-writer")
         try:
             yield
         finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
             await outbox.close()
             log.info("outbox_closed")
 
     async def forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
         outbox = app[OUTBOX]
-        state.fatal = asyncio.get_running_loop().create_future()
         # Held rows of vehicles mapped since the last run go out now.
         released = await outbox.release_held(state.vehicles)
         if released:
@@ -98,14 +102,12 @@ def create_app(
         state.forwarder = forwarder
         state.forwarder_task = supervise(app, forwarder.run(), "forwarder")
         summaries = supervise(app, summary_loop(forwarder), "failure-summaries")
-        writer = supervise(app, outbox.watch_writer(), "outbox-writer")
         try:
             yield
         finally:
             await forwarder.stop()
-            for task in (summaries, writer):
-                task.cancel()
-            await asyncio.gather(summaries, writer, return_exceptions=True)
+            summaries.cancel()
+            await asyncio.gather(summaries, return_exceptions=True)
             timeout = config.server.shutdown_timeout_seconds
             if state.stopping_since is not None:
                 elapsed = asyncio.get_running_loop().time() - state.stopping_since

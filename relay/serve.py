@@ -180,7 +180,7 @@ async def _run(
 ) -> int:
     """Listen, announce readiness, and wait for a stop signal or a dead background task."""
     fatal = app[STATE].fatal
-    assert fatal is not None  # set by create_app's forwarder context during setup
+    assert fatal is not None  # set by create_app's outbox context during setup
     if not signals.stop.is_set() and not fatal.done():
         site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context)
         try:
