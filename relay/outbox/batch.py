@@ -146,11 +146,11 @@ class BatchJob:
         ]
 
     def __call__(self, conn: sqlite3.Connection) -> StoreResult:
-        """This request alone: its own statements and its own counts of what was new."""
-        if self.states is not None:
-            # Run alone in a savepoint that may yet roll back: the cache cannot know
-            # which states stick, so these vehicles are read again next time.
-            self.states.forget(self.by_vehicle)
+        """This request alone: its own statements and its own counts of what was new.
+
+        Reads the states from the file, not from the writer's cache: this runs in a
+        savepoint after a ROLLBACK, which emptied the cache (relay.outbox.states).
+        """
         pending, held, changed = self._typed(load_states(conn, list(self.by_vehicle)))
         stored_pending = insert_flat(conn, INSERT_POSITION, _WIDTH, pending)
         stored_held = insert_flat(conn, INSERT_POSITION, _WIDTH, held)

@@ -10,9 +10,9 @@ What it keeps must be exactly what is committed:
 - a group's new states are *staged* and become the committed ones only when the
   writer's COMMIT succeeds (``committed``);
 - a transaction that did not commit, or may not have (a failed COMMIT), empties the
-  cache (``rolled_back``): rare, and a wrong state would mistype events for good;
-- a job that writes states outside of that (a batch run alone in its savepoint, after
-  a group could not be combined) ``forget``s its vehicles, which are read again later;
+  cache (``rolled_back``): rare, and a wrong state would mistype events for good. So
+  does the ROLLBACK before a group's batches run one by one in savepoints (a re-sent
+  batch): those read and write the file, and the cache starts empty after them;
 - anything else that commits to the file (the CLI, someone in the sqlite3 shell)
   changes ``PRAGMA data_version``, checked in every group, and the cache starts over.
 """
@@ -20,7 +20,7 @@ What it keeps must be exactly what is committed:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import orjson
 
@@ -86,12 +86,6 @@ class VehicleStates:
     def stage(self, states: dict[str, VehicleState]) -> None:
         """States written in the open transaction: kept once it commits."""
         self._staged.update(states)
-
-    def forget(self, vehicle_ids: Iterable[str]) -> None:
-        """Vehicles whose stored state changed behind the cache: read them again."""
-        for v in vehicle_ids:
-            self._committed.pop(v, None)
-            self._staged.pop(v, None)
 
     def committed(self) -> None:
         self._committed.update(self._staged)
