@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 from conftest import BASE_MS, batch, position, post_batch, rows
 
 from relay.devtools.fake_cartrack import FakeCartrack, Received, Response
+from relay.outbox.storage import Outbox
 from relay.timeutil import format_ms
 
 
@@ -75,3 +78,30 @@ async def post_ok(client: TestClient, *messages: tuple[str, list[dict[str, Any]]
 
 def positions(*indexes: int) -> list[dict[str, Any]]:
     return [position(ts(i)) for i in indexes]
+
+
+@dataclass
+class Calls:
+    made: int = 0
+    failed: int = 0
+
+
+def failing(
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    fails: Callable[[int], bool],
+    error: Callable[[], BaseException],
+) -> Calls:
+    """``Outbox.<method>`` raising ``error()`` on the calls (counted from 1) where ``fails``."""
+    original = getattr(Outbox, method)
+    calls = Calls()
+
+    async def flaky(self: Outbox, *args: Any, **kwargs: Any) -> Any:
+        calls.made += 1
+        if fails(calls.made):
+            calls.failed += 1
+            raise error()
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Outbox, method, flaky)
+    return calls

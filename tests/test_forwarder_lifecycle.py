@@ -31,6 +31,7 @@ from forwarder_helpers import (
     all_sent,
     device,
     events_named,
+    failing,
     pid,
     positions,
     post_ok,
@@ -176,23 +177,18 @@ async def test_failed_ack_flush_is_retried_and_nothing_is_sent_twice(
 ) -> None:
     # While acks cannot be written, delivered rows still read as pending; the lane, which
     # re-reads its vehicle's rows, must skip them rather than send them again.
-    original = Outbox.mark_sent
-    failures = 0
-
-    async def flaky(self: Outbox, acks: Any) -> None:
-        nonlocal failures
-        if failures < 3:
-            failures += 1
-            raise sqlite3.OperationalError("database is locked")
-        await original(self, acks)
-
-    monkeypatch.setattr(Outbox, "mark_sent", flaky)
+    flaky = failing(
+        monkeypatch,
+        "mark_sent",
+        lambda n: n <= 3,
+        lambda: sqlite3.OperationalError("database is locked"),
+    )
     client = await start()
     count = 250  # more than one lane batch
     await post_ok(client, (A, positions(*range(count))))
     await wait_until(all_sent(db_path, count))
 
-    assert failures == 3
+    assert flaky.failed == 3
     # The same failure again within the window is summarised, not logged each time.
     assert len(events_named(logs, "ack_flush_failed")) == 1
     assert cartrack.ids() == [pid(A, i) for i in range(count)]
@@ -206,17 +202,9 @@ async def test_failed_ack_flush_is_retried_and_nothing_is_sent_twice(
 async def test_rescan_crash_resolves_fatal_and_is_logged(
     start: Start, monkeypatch: pytest.MonkeyPatch, logs: list[dict[str, Any]]
 ) -> None:
-    original = Outbox.pending_vehicles
-    calls = 0
-
-    async def flaky(self: Outbox) -> list[str]:
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            raise RuntimeError("bug in the rescan")
-        return await original(self)
-
-    monkeypatch.setattr(Outbox, "pending_vehicles", flaky)
+    failing(
+        monkeypatch, "pending_vehicles", lambda n: n > 1, lambda: RuntimeError("bug in the rescan")
+    )
     client = await start(rescan_seconds=0.05)
     fatal = client.app[STATE].fatal
     assert fatal is not None
@@ -282,17 +270,12 @@ async def test_storage_error_in_a_lane_is_logged_and_the_lane_restarts(
     monkeypatch: pytest.MonkeyPatch,
     logs: list[dict[str, Any]],
 ) -> None:
-    original = Outbox.next_rows
-    failures = 0
-
-    async def flaky(self: Outbox, vehicle_id: str, limit: int, skip: Any = ()) -> list[Any]:
-        nonlocal failures
-        if failures == 0:
-            failures += 1
-            raise sqlite3.OperationalError("database is locked")
-        return await original(self, vehicle_id, limit, skip)
-
-    monkeypatch.setattr(Outbox, "next_rows", flaky)
+    failing(
+        monkeypatch,
+        "next_rows",
+        lambda n: n == 1,
+        lambda: sqlite3.OperationalError("database is locked"),
+    )
     client = await start(rescan_seconds=0.05)
     await post_ok(client, (A, positions(1)))
     await wait_until(all_sent(db_path, 1))
@@ -310,19 +293,14 @@ async def test_storage_error_in_a_rescan_is_logged_and_survived(
     monkeypatch: pytest.MonkeyPatch,
     logs: list[dict[str, Any]],
 ) -> None:
-    original = Outbox.pending_vehicles
-    calls = 0
-
-    async def flaky(self: Outbox) -> list[str]:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise sqlite3.OperationalError("disk I/O error")
-        return await original(self)
-
-    monkeypatch.setattr(Outbox, "pending_vehicles", flaky)
+    rescans = failing(
+        monkeypatch,
+        "pending_vehicles",
+        lambda n: n == 2,
+        lambda: sqlite3.OperationalError("disk I/O error"),
+    )
     client = await start(rescan_seconds=0.05)
-    await wait_until(lambda: calls >= 3)
+    await wait_until(lambda: rescans.made >= 3)
     await post_ok(client, (A, positions(1)))
     await wait_until(all_sent(db_path, 1))
 
