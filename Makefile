@@ -12,8 +12,9 @@ $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cartrack-relay needs Python 3.11 or newer (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when the package metadata changes; -e keeps the venv on the working tree.
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+# Reinstall when the package metadata or the C hot path changes (pip builds
+# relay/_rows.c in place); -e keeps the venv on the working tree.
+$(STAMP): $(BIN)/python setup.cfg setup.py pyproject.toml relay/_rows.c
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
@@ -37,7 +38,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix relay tests
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info demo .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info demo .pytest_cache .ruff_cache .hypothesis relay/*.so
 
 .PHONY: bench
 ## Measure the relay against the machine's own limits (bench/README.md); several minutes.

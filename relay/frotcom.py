@@ -14,20 +14,40 @@ plausible id, a body that is not JSON) is left to ``mapping.decode_body`` and
 ``mapping.parse_batch``, which alone word the reasons for a quarantine or a 400.
 So this path only ever accepts what that one would accept, with the same
 positions (tests/test_frotcom.py holds the two to the same answers).
+
+Where the package was built with a C compiler, ``relay._rows`` (relay/_rows.c) goes
+one step further for such a body: it checks the timestamps without a Python object
+per position, and later builds the outbox rows straight from the decoded structs
+(``Documented.rows``), so no ``Position`` is made at all. Whatever it cannot do
+exactly as the Python code would, it leaves to that code (tests/test_rows.py).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any, cast
 
 import msgspec
 from msgspec import Meta, Raw, Struct
 
-from relay.mapping import ParsedBatch, Position, decode_body, parse_batch, plausible_vehicle_id
+from relay.mapping import (
+    ParsedBatch,
+    Position,
+    Rejected,
+    decode_body,
+    parse_batch,
+    plausible_vehicle_id,
+)
 from relay.timeutil import parse_instant
 
-__all__ = ["parse_body"]
+try:
+    from relay import _rows
+except ImportError:  # built without a C compiler: the same rows, made in Python
+    _rows = None  # type: ignore[assignment]
+
+__all__ = ["Batch", "Documented", "parse_body"]
 
 _MAX_DOUBLE = sys.float_info.max
 
@@ -65,31 +85,99 @@ _typed = msgspec.json.Decoder(_Body)
 _texts = msgspec.json.Decoder(_RawBody)
 
 
-def parse_body(body: bytes, now_ms: int, max_future_ms: int) -> ParsedBatch:
+class Documented:
+    """A body of the documented shape, whose rows the compiled hot path can build.
+
+    Holds what msgspec decoded; ``positions`` are made only when something asks for
+    them (the outbox asks ``rows`` first, and builds rows from positions only when
+    that answers None).
+    """
+
+    def __init__(
+        self,
+        messages: list[_Message],
+        texts: list[_RawMessage],
+        vehicle_ids: list[str],
+        count: int,
+        now_ms: int,
+        max_future_ms: int,
+    ) -> None:
+        self._messages = messages
+        self._texts = texts
+        self._vehicle_ids = vehicle_ids
+        self._now_ms = now_ms
+        self._max_future_ms = max_future_ms
+        self.count = count
+        self.vehicle_count = len(set(vehicle_ids))
+        self.rejected: list[Rejected] = []  # a documented body has nothing to quarantine
+
+    @functools.cached_property
+    def positions(self) -> list[Position]:
+        positions = _positions(
+            self._messages, self._texts, self._vehicle_ids, self._now_ms, self._max_future_ms
+        )
+        if positions is None:  # the compiled scan took a body the Python code would not
+            raise AssertionError("relay._rows.scan and frotcom._positions disagree")
+        return positions
+
+    def rows(
+        self, provider: str, received_at: str, vehicles: Mapping[str, str]
+    ) -> list[VehicleRowsTuple] | None:
+        """Each vehicle's rows as BatchJob builds them, or None: build them from positions."""
+        order = {v: i for i, v in enumerate(sorted(set(self._vehicle_ids)))}
+        return _rows.rows(  # type: ignore[union-attr]
+            self._messages,
+            self._texts,
+            self._vehicle_ids,
+            [order[v] for v in self._vehicle_ids],
+            provider,
+            received_at,
+            vehicles,
+        )
+
+
+Batch = ParsedBatch | Documented
+"""What the webhook hands the outbox: the careful path's batch or a documented body."""
+
+# (vehicle_id, held, moments, rows, values, steady): relay.outbox.batch._VehicleRows.
+VehicleRowsTuple = tuple[str, bool, list[tuple[int, bool]], list[tuple[Any, ...]], list[Any], bool]
+
+
+def parse_body(body: bytes, now_ms: int, max_future_ms: int) -> Batch:
     """``parse_batch(decode_body(body), ...)``, faster for a body of the documented shape.
 
     Raises ``mapping.BadRequest`` for a body that is unusable as a whole.
     """
-    positions = _documented(body, now_ms, max_future_ms)
-    if positions is None:
-        return parse_batch(decode_body(body), now_ms, max_future_ms)
-    return ParsedBatch(positions, [])
-
-
-def _documented(body: bytes, now_ms: int, max_future_ms: int) -> list[Position] | None:
-    """Every position of a body of the documented shape; None for any other body."""
     try:
         messages = _typed.decode(body).PvtMessages
         texts = _texts.decode(body).PvtMessages
     except Exception:
         # Not JSON, not UTF-8, not this shape: the careful path says which.
-        return None
+        return parse_batch(decode_body(body), now_ms, max_future_ms)
+    vehicle_ids = [plausible_vehicle_id(m.VehicleID) for m in messages]
+    if None not in vehicle_ids:
+        ids = cast(list[str], vehicle_ids)
+        if _rows is not None:
+            count = _rows.scan(messages, now_ms, max_future_ms)
+            if count is not None:
+                return Documented(messages, texts, ids, count, now_ms, max_future_ms)
+        positions = _positions(messages, texts, ids, now_ms, max_future_ms)
+        if positions is not None:
+            return ParsedBatch(positions, [])
+    return parse_batch(decode_body(body), now_ms, max_future_ms)
+
+
+def _positions(
+    messages: list[_Message],
+    texts: list[_RawMessage],
+    vehicle_ids: list[str],
+    now_ms: int,
+    max_future_ms: int,
+) -> list[Position] | None:
+    """Every position of a documented body; None if a timestamp does not pass."""
     positions: list[Position] = []
     append = positions.append
-    for message, raw in zip(messages, texts, strict=True):
-        vehicle_id = plausible_vehicle_id(message.VehicleID)
-        if vehicle_id is None:
-            return None
+    for message, raw, vehicle_id in zip(messages, texts, vehicle_ids, strict=True):
         for p, text in zip(message.Positions, raw.Positions, strict=True):
             try:
                 ts_ms, event_ts = parse_instant(p.Timestamp)

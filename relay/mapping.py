@@ -65,6 +65,15 @@ class ParsedBatch:
     positions: list[Position]
     rejected: list[Rejected]
 
+    @property
+    def count(self) -> int:
+        """Positions accepted for the outbox (rejected ones not counted)."""
+        return len(self.positions)
+
+    @property
+    def vehicle_count(self) -> int:
+        return len({p.vehicle_id for p in self.positions})
+
 
 @dataclass(frozen=True, slots=True)
 class VehicleState:

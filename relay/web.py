@@ -225,8 +225,8 @@ async def ingest(request: web.Request) -> web.Response:
     except BadRequest as exc:
         line.error = str(exc)
         return error(400, "bad request", str(exc))
-    line.positions = len(batch.positions) + len(batch.rejected)
-    line.vehicles = len({p.vehicle_id for p in batch.positions})
+    line.positions = batch.count + len(batch.rejected)
+    line.vehicles = batch.vehicle_count
     state.stats["received"] += line.positions
     state.metrics.batch_parsed(line.positions)
     try:

@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
+from relay.frotcom import Batch, Documented
 from relay.mapping import (
-    ParsedBatch,
     Position,
     VehicleState,
     build_event,
@@ -74,7 +74,7 @@ def fingerprint(vehicle_id: str | None, raw: Any) -> str:
 
 
 def batch_job(
-    batch: ParsedBatch,
+    batch: Batch,
     vehicles: Mapping[str, str],
     provider: str,
     received_ms: int,
@@ -98,7 +98,7 @@ class BatchJob:
 
     def __init__(
         self,
-        batch: ParsedBatch,
+        batch: Batch,
         vehicles: Mapping[str, str],
         provider: str,
         received_ms: int,
@@ -106,10 +106,38 @@ class BatchJob:
     ) -> None:
         self.states = states
         received_at = self.received_at = format_ms(received_ms)
-        self.positions = len(batch.positions)
+        self.positions = batch.count
         self.rejected = len(batch.rejected)
         self.by_vehicle: dict[str, _VehicleRows] = {}
-        ordered = sorted(batch.positions, key=_vehicle_then_time)
+        compiled = (
+            batch.rows(provider, received_at, vehicles) if isinstance(batch, Documented) else None
+        )
+        if compiled is not None:
+            # relay/_rows.c made the same rows in C (tests/test_rows.py holds it to that).
+            for vehicle_id, held, moments, rows, values, steady in compiled:
+                self.by_vehicle[vehicle_id] = _VehicleRows(held, moments, rows, values, steady)
+        else:
+            self._rows_in_python(batch.positions, vehicles, provider, received_at)
+        self.mapped = frozenset(v for v, group in self.by_vehicle.items() if not group.held)
+        self.quarantined = [
+            (
+                received_at,
+                r.vehicle_id,
+                r.reason,
+                _dumps_input(r.raw),
+                fingerprint(r.vehicle_id, r.raw),
+            )
+            for r in batch.rejected
+        ]
+
+    def _rows_in_python(
+        self,
+        positions: Sequence[Position],
+        vehicles: Mapping[str, str],
+        provider: str,
+        received_at: str,
+    ) -> None:
+        ordered = sorted(positions, key=_vehicle_then_time)
         for vehicle_id, group in itertools.groupby(ordered, key=_vehicle):
             run = list(group)
             held = vehicle_id not in vehicles
@@ -133,17 +161,6 @@ class BatchJob:
                     for p in run
                 ],
             )
-        self.mapped = frozenset(v for v, group in self.by_vehicle.items() if not group.held)
-        self.quarantined = [
-            (
-                received_at,
-                r.vehicle_id,
-                r.reason,
-                _dumps_input(r.raw),
-                fingerprint(r.vehicle_id, r.raw),
-            )
-            for r in batch.rejected
-        ]
 
     def __call__(self, conn: sqlite3.Connection) -> StoreResult:
         """This request alone: its own statements and its own counts of what was new.

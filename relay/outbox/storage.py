@@ -23,7 +23,7 @@ from typing import Any
 
 import aiosqlite
 
-from relay.mapping import ParsedBatch
+from relay.frotcom import Batch
 from relay.outbox.batch import StoreResult, batch_job
 from relay.outbox.schema import BUSY_TIMEOUT_MS, OutboxError, connect, status_counts
 from relay.outbox.states import VehicleStates
@@ -166,7 +166,7 @@ class Outbox:
 
     async def store_batch(
         self,
-        batch: ParsedBatch,
+        batch: Batch,
         vehicles: Mapping[str, str],
         provider: str,
         received_ms: int,
