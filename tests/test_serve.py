@@ -9,6 +9,7 @@ log, the outbox file, and the events Cartrack received.
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import sqlite3
 import ssl
 import subprocess
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -27,10 +29,11 @@ import pytest
 from conftest import TOKEN, VIN, VIN2, batch, position, rows, wait_until
 from proc import RelayProcess, console_script
 
+from relay import frotcom
 from relay.config import ConfigError, ServerConfig
 from relay.devtools.fake_cartrack import FakeCartrack, Response, validate_event
 from relay.outbox.schema import connect
-from relay.serve import tls_context
+from relay.serve import GC_YOUNG_THRESHOLD, tls_context, tune_gc
 
 pytestmark = pytest.mark.slow
 
@@ -571,3 +574,34 @@ async def test_mismatched_tls_pair_exits_2_with_one_line_before_the_outbox(
         f" of the certificate in {tls_files['cert']}"
     ]
     assert not relay.db_path.exists()
+
+
+async def test_the_started_event_names_the_hot_path(
+    spawn: Callable[..., RelayProcess], cartrack: FakeCartrack
+) -> None:
+    # An operator reading "python" here knows relay/_rows.c was not built at install.
+    started = await spawn().start()
+    assert started["hot_path"] == ("python" if frotcom._rows is None else "compiled")
+
+
+def test_gc_after_start_leaves_startup_objects_out_and_collects_less_often() -> None:
+    threshold = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+        # Still collected: a cycle made after tuning goes at the next full collection.
+        ring: list[Any] = []
+        ring.append(ring)
+        ref = weakref.ref(_Cycle(ring))
+        assert gc.collect() > 0
+        assert ref() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+class _Cycle:
+    def __init__(self, ring: list[Any]) -> None:
+        self.me = self
+        self.ring = ring
