@@ -9,9 +9,11 @@ the order of vehicles and rows.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sysconfig
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -324,3 +326,38 @@ def test_without_the_module_a_documented_body_is_parsed_in_python(python_only: N
     assert isinstance(batch, ParsedBatch)
     [p] = batch.positions
     assert p.source is not None  # still the one-pass decode, positions made in Python
+
+
+@needs_c
+def test_the_compiled_rows_leak_nothing() -> None:
+    # A reference count wrong in C would grow the daemon's memory with every request;
+    # tracemalloc sees every object the module makes, on each way out of it.
+    cases = [
+        body(
+            message("1", *(position(NOW_MS - i * 1000, Odometer=12.5) for i in range(10))),
+            message(7, position(NOW_MS - 5)),
+        ),
+        body(message('q"', position(NOW_MS - 1000))),  # text C does not write
+        body(message("1", position(NOW_MS - 1000), position(NOW_MS - 2000, Latitude=1e-5))),
+        body(message("1", {**position(NOW_MS), "Timestamp": "2023-02-29T00:00:00.000Z"})),
+        body(message("1", position(NOW_MS + 10 * FUTURE_MS))),
+    ]
+
+    def requests(rounds: int) -> None:
+        for _ in range(rounds):
+            for raw in cases:
+                BatchJob(parse_body(raw, NOW_MS, FUTURE_MS), {"1": "VIN1"}, "frotcom", NOW_MS)
+
+    requests(100)  # caches, interned text
+    gc.collect()
+    tracemalloc.start()
+    try:
+        requests(100)
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        requests(1000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1000, f"{grown} bytes more after 5,000 more requests"
