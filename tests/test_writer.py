@@ -238,6 +238,29 @@ async def test_checkpoints_run_beside_the_writer_and_keep_the_wal_small(
     assert wal.stat().st_size < 1_000_000, wal.stat().st_size
 
 
+async def test_under_steady_writes_the_writers_own_checkpoint_bounds_the_wal(
+    outbox: Outbox, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With groups back to back, a checkpoint beside the writer never copies the last
+    # frame before the next COMMIT appends more, so it never lets the WAL start over;
+    # the writer's own, in the COMMIT that finds the WAL past its limit, does
+    # (WRITER_AUTOCHECKPOINT_PAGES). Here that limit is 200 pages and ~6,000 pages go
+    # through the WAL while checkpoints run beside the writer all along.
+    monkeypatch.setattr(writer, "CHECKPOINT_CHANGES", 100)
+    await outbox._conn.execute("PRAGMA wal_autocheckpoint = 200")
+
+    async def sender(vehicle: str) -> None:
+        for n in range(40):
+            stamps = [format_ms(NOW_MS - 3_600_000 + (n * 100 + i) * 1000) for i in range(100)]
+            await store(outbox, batch((vehicle, [position(s) for s in stamps])))
+
+    await asyncio.gather(*(sender(f"80000{k:02d}") for k in range(4)))
+    assert table(db_path, "SELECT count(*) FROM positions") == [(16_000,)]
+    wal = db_path.with_name(db_path.name + "-wal")
+    # The limit plus the groups committed while a checkpoint ran: a few hundred pages.
+    assert wal.stat().st_size < 1_000 * 4096, wal.stat().st_size
+
+
 async def test_a_failing_write_fails_alone_in_its_group(outbox: Outbox, db_path: Path) -> None:
     def broken(conn: sqlite3.Connection) -> None:
         conn.execute(

@@ -127,8 +127,9 @@ class Outbox:
         # 32 MiB keeps the relay under its memory budget with a 1M-row outbox.
         await conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
         # WAL checkpoints run beside the writer (relay.outbox.writer), not inside its
-        # COMMIT where every waiting webhook would wait for them too; the writer's own
-        # only catches up if those fall behind.
+        # COMMIT where every waiting webhook would wait for them too; the writer's own,
+        # past WRITER_AUTOCHECKPOINT_PAGES, copies what they left and lets the WAL
+        # start over, which under steady load they never can.
         await conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}")
         try:
             reader = _open_reader(path)

@@ -38,13 +38,26 @@ T = TypeVar("T")
 log = structlog.get_logger("relay.outbox")
 
 # A checkpoint beside the writer after this many changed rows (~2,500 pages, ~10 MB of
-# WAL); the writer checkpoints in its COMMIT only past 8,000 pages. A COMMIT that runs
-# beside a checkpoint takes about twice as long, so fewer, larger ones: against 2,000
+# WAL); the writer checkpoints in its COMMIT only past WRITER_AUTOCHECKPOINT_PAGES. A
+# COMMIT that runs beside a checkpoint takes about twice as long, so fewer, larger
+# ones: against 2,000
 # rows, alternating (23 Nov), 8 senders 74.0-77.3k against 64.7-73.9k positions/s (5
 # of 5 pairs; ack p99 27-31 against 21-22 ms), 32 senders +4-6% (3 of 3), forwarding
 # 2-6% less CPU per event; 10,000 rows measured the same as 5,000.
 CHECKPOINT_CHANGES = 5000
-WRITER_AUTOCHECKPOINT_PAGES = 8000
+# ... but under a steady stream of groups those checkpoints never finish the WAL: each
+# copies the frames there were when it began while the writer appends more, and SQLite
+# starts the WAL over only once every frame is in the database. So it is the writer's
+# own checkpoint, in the COMMIT that finds the WAL past this many pages, that lets the
+# WAL start over, and that COMMIT holds up every webhook waiting on the group: traced
+# at 8 senders, with 8,000 pages one COMMIT in ~60 took 15-55 ms (every ~0.45 s, 30
+# MB of WAL); with 2,000, 12-18 ms every ~0.14 s (the checkpoints beside the writer
+# had copied most of it). Alternating (23 Nov, 6 runs each at 8 senders, 4 at 32):
+# ack p99 39.9 against 49.2 ms (max 43.0 against 56.0), 50.1k against 49.1k
+# positions/s; 32 senders 58.0k against 57.3k, p99 87.9 against 93.6 ms. 1,000 pages
+# was slower (47.0k); 2,000 with CHECKPOINT_CHANGES 2,000 had p99 34 ms but 6% less
+# at 32 senders.
+WRITER_AUTOCHECKPOINT_PAGES = 2000
 # Bound on the rows per multi-row statement (x 10 columns: within SQLite's 32,766
 # variables); 500 keeps every Frotcom batch of usual size to one statement.
 ROWS_PER_STATEMENT = 500
