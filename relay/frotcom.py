@@ -108,7 +108,10 @@ class Documented:
         self._now_ms = now_ms
         self._max_future_ms = max_future_ms
         self.count = count
-        self.vehicle_count = len(set(vehicle_ids))
+        # As ParsedBatch counts them: vehicles with a position (a message may have none).
+        self.vehicle_count = len(
+            {v for v, m in zip(vehicle_ids, messages, strict=True) if m.Positions}
+        )
         self.rejected: list[Rejected] = []  # a documented body has nothing to quarantine
 
     @functools.cached_property
@@ -124,8 +127,10 @@ class Documented:
         self, provider: str, received_at: str, vehicles: Mapping[str, str]
     ) -> list[VehicleRowsTuple] | None:
         """Each vehicle's rows as BatchJob builds them, or None: build them from positions."""
+        if _rows is None:
+            return None
         order = {v: i for i, v in enumerate(sorted(set(self._vehicle_ids)))}
-        return _rows.rows(  # type: ignore[union-attr]
+        return _rows.rows(
             self._messages,
             self._texts,
             self._vehicle_ids,
@@ -134,6 +139,11 @@ class Documented:
             received_at,
             vehicles,
         )
+
+
+def hot_path() -> str:
+    """ "compiled" where relay/_rows.c was built at install, else "python" (for the log)."""
+    return "python" if _rows is None else "compiled"
 
 
 Batch = ParsedBatch | Documented

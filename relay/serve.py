@@ -221,7 +221,7 @@ async def _run(
             vehicles=len(config.vehicles),
             # "python": relay/_rows.c was not built (no C compiler at install); the same
             # rows, at a few percent more CPU per position.
-            hot_path="python" if frotcom._rows is None else "compiled",
+            hot_path=frotcom.hot_path(),
         )
         notify("READY=1\nSTATUS=accepting webhooks")
         signals.started.set()

@@ -79,6 +79,7 @@ def assert_same(body: bytes) -> Batch | str:
         return got
     assert [fields(p) for p in got.positions] == [fields(p) for p in want.positions]
     assert got.rejected == want.rejected
+    assert (got.count, got.vehicle_count) == (want.count, want.vehicle_count)
     return got
 
 

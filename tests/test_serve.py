@@ -582,6 +582,7 @@ async def test_the_started_event_names_the_hot_path(
     # An operator reading "python" here knows relay/_rows.c was not built at install.
     started = await spawn().start()
     assert started["hot_path"] == ("python" if frotcom._rows is None else "compiled")
+    assert started["hot_path"] == frotcom.hot_path()
 
 
 def test_gc_after_start_leaves_startup_objects_out_and_collects_less_often() -> None:
