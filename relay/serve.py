@@ -220,7 +220,7 @@ async def _run(
             cartrack=_safe_url(config.cartrack.url),
             vehicles=len(config.vehicles),
             # "python": relay/_rows.c was not built (no C compiler at install); the same
-            # rows, at a few percent more CPU per position.
+            # rows, at about a tenth more CPU per position (bench/README.md, sixth pass).
             hot_path=frotcom.hot_path(),
         )
         notify("READY=1\nSTATUS=accepting webhooks")
