@@ -36,6 +36,7 @@ from bench.common import (
     print_header,
     print_table,
     progress,
+    remove,
     run_json,
     workdir,
 )
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = drain(run_dir, db, c, FLEET, loop)
                     del r["times"]
                     relays[loop].append(r)
-                    shutil.rmtree(run_dir)
+                    remove(run_dir)
             progress(f"ceiling once more, concurrency {c}")
             ceilings.append(ceiling(template, c, FLEET))
             bare = statistics.median(rate for rate, _ in ceilings)
