@@ -265,6 +265,9 @@ def remove(path: Path) -> None:
     """
     shutil.rmtree(path, ignore_errors=True)
     os.sync()
+    # Runs inside one bench delete files too (SQLite removes the -wal when the last
+    # connection closes), so Relay.__enter__ and the ingest ceiling sync before they
+    # start as well.
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -442,6 +445,7 @@ class Relay:
             return self.proc.wait(timeout=10)
 
     def __enter__(self) -> Relay:
+        os.sync()  # what earlier runs wrote or deleted is settled before this one starts
         self.start()
         return self
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import statistics
 import sys
@@ -45,6 +46,7 @@ FLEET = 1000
 def ceiling(directory: Path, rows: list[tuple[Any, ...]], per_txn: int) -> float:
     """Rows per second for plain sqlite3: executemany + COMMIT per ``per_txn`` rows."""
     db = directory / f"ceiling-{per_txn}-{time.monotonic_ns()}.sqlite3"
+    os.sync()  # as Relay.__enter__: the run before it settled on disk (bench.common.remove)
     connect(db, create=True).close()
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA synchronous = FULL")
