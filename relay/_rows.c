@@ -217,9 +217,10 @@ put_float(Out *o, PyObject *value)
 typedef struct {
     long long ts_ms;
     Py_ssize_t rank;     /* the vehicle's place in sorted VehicleID order */
-    Py_ssize_t message;  /* where the position came from */
-    Py_ssize_t index;
+    Py_ssize_t message;  /* which message it came in */
     Py_ssize_t seq;      /* input order: keeps the sort stable, as Python's is */
+    PyObject *position;  /* borrowed from its message's Positions list */
+    PyObject *raw;       /* its text, borrowed from the same message's raw Positions */
 } Record;
 
 static int
@@ -347,9 +348,8 @@ error:
 
 /* One vehicle's (vehicle_id, held, moments, rows, values, steady) from its records. */
 static PyObject *
-vehicle_group(Record *first, Py_ssize_t n, PyObject *messages, PyObject *texts,
-              PyObject *vehicle_ids, PyObject *provider, PyObject *received_at,
-              PyObject *vehicles, Out *buffer)
+vehicle_group(Record *first, Py_ssize_t n, PyObject *vehicle_ids, PyObject *provider,
+              PyObject *received_at, PyObject *vehicles, Out *buffer)
 {
     PyObject *vehicle_id = PyList_GET_ITEM(vehicle_ids, first->message);
     int known = PySequence_Contains(vehicles, vehicle_id);
@@ -365,24 +365,9 @@ vehicle_group(Record *first, Py_ssize_t n, PyObject *messages, PyObject *texts,
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         Record *r = &first[i];
-        PyObject *positions = NULL, *raws = NULL, *ignition = NULL;
-        positions = positions_of(PyList_GET_ITEM(messages, r->message));
-        raws = positions ? positions_of(PyList_GET_ITEM(texts, r->message)) : NULL;
-        if (raws == NULL) {
-            Py_XDECREF(positions);
-            goto done;
-        }
-        if (r->index >= PyList_GET_SIZE(positions) || r->index >= PyList_GET_SIZE(raws)) {
-            PyErr_SetString(PyExc_ValueError, "texts do not match the positions");
-            Py_DECREF(positions);
-            Py_DECREF(raws);
-            goto done;
-        }
-        PyObject *row = make_row(PyList_GET_ITEM(positions, r->index),
-                                 PyList_GET_ITEM(raws, r->index), vehicle_id, status, provider,
-                                 received_at, buffer, &ignition);
-        Py_DECREF(positions);
-        Py_DECREF(raws);
+        PyObject *ignition = NULL;
+        PyObject *row = make_row(r->position, r->raw, vehicle_id, status, provider, received_at,
+                                 buffer, &ignition);
         if (row == NULL) {
             goto done;
         }
@@ -434,28 +419,43 @@ rows(PyObject *Py_UNUSED(module), PyObject *args)
         PyErr_SetString(PyExc_ValueError, "messages, texts, vehicle_ids and ranks differ in length");
         return NULL;
     }
+    /* Each message's Positions and raw Positions, fetched once: new references, held
+     * until the rows are built, so the records may borrow their items. */
+    PyObject **lists = PyMem_Calloc(2 * (nmessages ? nmessages : 1), sizeof(PyObject *));
+    Record *records = NULL;
+    char *text = NULL;
+    PyObject *result = NULL;
+    if (lists == NULL) {
+        return PyErr_NoMemory();
+    }
     Py_ssize_t total = 0, longest_id = 0;
     for (Py_ssize_t i = 0; i < nmessages; i++) {
-        PyObject *positions = positions_of(PyList_GET_ITEM(messages, i));
-        if (positions == NULL) {
-            return NULL;
-        }
-        total += PyList_GET_SIZE(positions);
-        Py_DECREF(positions);
         PyObject *vehicle_id = PyList_GET_ITEM(vehicle_ids, i);
         if (!PyUnicode_Check(vehicle_id)) {
             PyErr_SetString(PyExc_TypeError, "a vehicle id is not text");
-            return NULL;
+            goto done;
         }
         if (PyUnicode_GET_LENGTH(vehicle_id) > longest_id) {
             longest_id = PyUnicode_GET_LENGTH(vehicle_id);
         }
+        lists[2 * i] = positions_of(PyList_GET_ITEM(messages, i));
+        if (lists[2 * i] == NULL) {
+            goto done;
+        }
+        lists[2 * i + 1] = positions_of(PyList_GET_ITEM(texts, i));
+        if (lists[2 * i + 1] == NULL) {
+            goto done;
+        }
+        if (PyList_GET_SIZE(lists[2 * i]) != PyList_GET_SIZE(lists[2 * i + 1])) {
+            PyErr_SetString(PyExc_ValueError, "texts do not match the positions");
+            goto done;
+        }
+        total += PyList_GET_SIZE(lists[2 * i]);
     }
-    Record *records = PyMem_Calloc(total ? total : 1, sizeof(Record));
+    records = PyMem_Calloc(total ? total : 1, sizeof(Record));
     /* The longest payload: its fixed text, the ids twice, four floats of <= 32 chars. */
     size_t size = 512 + 2 * (size_t)PyUnicode_GET_LENGTH(provider) + 2 * (size_t)longest_id;
-    char *text = PyMem_Malloc(size);
-    PyObject *result = NULL;
+    text = PyMem_Malloc(size);
     if (records == NULL || text == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -466,30 +466,25 @@ rows(PyObject *Py_UNUSED(module), PyObject *args)
         if (rank == -1 && PyErr_Occurred()) {
             goto done;
         }
-        PyObject *positions = positions_of(PyList_GET_ITEM(messages, i));
-        if (positions == NULL) {
-            goto done;
-        }
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(positions) && k < total; j++, k++) {
+        PyObject *positions = lists[2 * i], *raws = lists[2 * i + 1];
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(positions); j++, k++) {
             PyObject *stamp = PyObject_GetAttr(PyList_GET_ITEM(positions, j), s_Timestamp);
             if (stamp == NULL) {
-                Py_DECREF(positions);
                 goto done;
             }
             int bad = canonical_ms(stamp, &records[k].ts_ms);
             Py_DECREF(stamp);
             if (bad) {
-                Py_DECREF(positions);
                 result = Py_None;
                 Py_INCREF(result);
                 goto done;
             }
             records[k].rank = rank;
             records[k].message = i;
-            records[k].index = j;
             records[k].seq = k;
+            records[k].position = PyList_GET_ITEM(positions, j);
+            records[k].raw = PyList_GET_ITEM(raws, j);
         }
-        Py_DECREF(positions);
     }
     qsort(records, total, sizeof(Record), by_vehicle_then_time);
     result = PyList_New(0);
@@ -502,8 +497,8 @@ rows(PyObject *Py_UNUSED(module), PyObject *args)
         while (end < total && records[end].rank == records[start].rank) {
             end++;
         }
-        PyObject *group = vehicle_group(&records[start], end - start, messages, texts,
-                                        vehicle_ids, provider, received_at, vehicles, &buffer);
+        PyObject *group = vehicle_group(&records[start], end - start, vehicle_ids, provider,
+                                        received_at, vehicles, &buffer);
         if (group == NULL || group == Py_None || PyList_Append(result, group) < 0) {
             Py_CLEAR(result);
             if (group == Py_None) {
@@ -518,6 +513,10 @@ rows(PyObject *Py_UNUSED(module), PyObject *args)
         start = end;
     }
 done:
+    for (Py_ssize_t i = 0; i < 2 * nmessages; i++) {
+        Py_XDECREF(lists[i]);
+    }
+    PyMem_Free(lists);
     PyMem_Free(records);
     PyMem_Free(text);
     return result;

@@ -142,7 +142,7 @@ class Documented:
 
 
 def hot_path() -> str:
-    """ "compiled" where relay/_rows.c was built at install, else "python" (for the log)."""
+    """Which rows builder runs, for the log: "compiled" (relay/_rows.c) or "python"."""
     return "python" if _rows is None else "compiled"
 
 
