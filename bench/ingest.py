@@ -6,7 +6,9 @@ measures the webhook path alone. The ceiling is plain ``sqlite3`` inserting the 
 rows (same schema, same indexes, same payloads) in batches of 100 with WAL and
 ``synchronous=FULL`` on the same disk. Ceiling and relay runs alternate for a few
 rounds and the table gives medians, with every run printed below it, so drift on a
-shared machine shows up instead of deciding the ratio.
+shared machine shows up instead of deciding the ratio. Between the two, the relay's
+storage path without HTTP (bench.storage), alone and beside an event loop, so the
+table also says where the gap to the ceiling goes.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ from bench.common import (
     run_json,
     workdir,
 )
+from bench.storage import alone, beside_loop
 from relay.outbox.schema import connect
 
 FLEET = 1000
+# Jobs per group for the storage path alone: what 8 senders give (two cohorts of 4).
+GROUP = 4
 
 
 def ceiling(directory: Path, rows: list[tuple[Any, ...]], per_txn: int) -> float:
@@ -112,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     base_ms = int(time.time() * 1000) - 20 * 86_400_000
     received_ms = int(time.time() * 1000)
     rows: list[tuple[Any, ...]] = []
+    bodies: list[bytes] = []  # as the load generator sends them
     for b in range(args.batches):
         body = positions_body(b, base_ms, FLEET, per_vehicle=per_vehicle(b, args.vary))
         rows += outbox_rows(body, received_ms, "held")
+        bodies.append(json.dumps(body).encode())
     results: dict[str, Any] = {"load_before": loadavg()}
     ceilings: list[float] = []
+    storage: dict[str, list[dict[str, Any]]] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
     with workdir("ingest") as directory:
         # Round after round, the ceiling beside the relay runs: the machine drifts by
@@ -124,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         for n in range(1, args.rounds + 1):
             progress(f"round {n}: ceiling, sqlite3 batch 100, synchronous=FULL")
             ceilings.append(ceiling(directory, rows, 100))
+            # Between the ceiling and the relay end to end: its storage path without
+            # HTTP (bench.storage), so the table says where the gap goes.
+            progress(f"round {n}: relay storage path alone, groups of {GROUP}")
+            storage.setdefault(f"alone, groups of {GROUP}", []).append(
+                alone(directory, bodies, received_ms, GROUP)
+            )
+            for senders in args.senders:
+                progress(f"round {n}: relay storage path beside the loop, {senders} tasks")
+                storage.setdefault(f"beside the loop, {senders} tasks", []).append(
+                    beside_loop(directory, bodies, received_ms, senders)
+                )
             for senders in args.senders:
                 for loop in args.event_loops:
                     progress(f"round {n}: relay, {senders} senders, {loop}")
@@ -134,11 +153,25 @@ def main(argv: list[str] | None = None) -> int:
         ceilings.append(ceiling(directory, rows, 100))
         big = ceiling(directory, rows, 1000)
     ceiling_100 = statistics.median(ceilings)
-    results.update(ceiling_100=ceilings, ceiling_1000=big, runs=runs, load_after=loadavg())
+    results.update(
+        ceiling_100=ceilings, ceiling_1000=big, storage=storage, runs=runs, load_after=loadavg()
+    )
     table = [
         ["sqlite3 batch 100, FULL (ceiling)", ceiling_100, "", "", "", 1.0],
         ["sqlite3 batch 1000, FULL", big, "", "", "", big / ceiling_100],
     ]
+    for name, rs in storage.items():
+        rate = statistics.median(r["rate"] for r in rs)
+        table.append(
+            [
+                f"relay storage path {name}, no HTTP",
+                rate,
+                _median(rs, "p50_ms"),
+                _median(rs, "p99_ms"),
+                statistics.median(r["cpu_ms_per_1000"] for r in rs),
+                rate / ceiling_100,
+            ]
+        )
     for name, rs in runs.items():
         rate = statistics.median(r["rate"] for r in rs)
         table.append(
@@ -161,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "medians of the runs; ceiling runs (rows/s): "
         + ", ".join(f"{c:,.0f}" for c in ceilings)
+        + "; storage path runs (positions/s): "
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{r['rate']:,.0f}" for r in rs) for name, rs in storage.items()
+        )
         + f"; relay runs (positions/s): {every};"
         f" errors: {sum(r['errors'] for rs in runs.values() for r in rs)};"
         f" load {results['load_before']} -> {results['load_after']}"
@@ -168,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | str:
+    """The median of ``key`` over runs that measured it; blank in the table otherwise."""
+    return statistics.median(r[key] for r in runs) if key in runs[0] else ""
 
 
 if __name__ == "__main__":

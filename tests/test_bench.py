@@ -41,6 +41,11 @@ def test_ingest_prints_relay_and_ceiling(capsys: pytest.CaptureFixture[str]) -> 
     for loop in ("asyncio", "uvloop"):  # uvloop: server.event_loop, end to end
         relay = row(out, f"relay, 2 senders, {loop}")
         assert all(is_number(c) for c in relay), relay  # rate, p50, p99, CPU, ratio
+    # Where the gap goes: the storage path without HTTP, alone and beside the loop.
+    alone = row(out, "relay storage path alone, groups of 4, no HTTP")
+    assert [is_number(c) for c in alone] == [True, False, False, True, True], alone
+    beside = row(out, "relay storage path beside the loop, 2 tasks, no HTTP")
+    assert all(is_number(c) for c in beside), beside
     assert "errors: 0" in out
 
 
