@@ -210,7 +210,12 @@ class GroupWriter:
                     with self._wakeup:
                         self._queue.extendleft(reversed(retry))
                 self._hand_back(loop, outcomes, changes)
+                # Let go of the group at once: whoever drops the last reference frees
+                # the jobs' rows (thousands of objects a group), and that should be the
+                # loop once each caller is answered, not this thread at the start of its
+                # next group, where every waiting webhook would wait for it.
                 jobs = []
+                del outcomes, retry
         except BaseException as exc:
             # Not re-raised: the callers, every later write and watch() hear of it
             # instead; the daemon supervises watch(), so it stops.
