@@ -8,10 +8,10 @@ Design:
 - A semaphore bounds requests in flight across lanes (``cartrack.concurrency``). A lane
   keeps its slot for up to a batch of rows while Cartrack accepts them (``_Slot``), so
   a backlog goes out a vehicle's run of rows at a time: their acks share pages.
-- Delivered rows are acknowledged to the outbox in batches by one flusher task (every
-  ``ACK_FLUSH_SECONDS``); a crash between delivery and flush re-sends those events,
-  which Cartrack absorbs by ``provider_event_id``. Retries and dead-letters are written
-  at once.
+- Delivered rows are acknowledged to the outbox in batches by one flusher task
+  (relay.acks); a crash between delivery and flush re-sends those events, which
+  Cartrack absorbs by ``provider_event_id``. Retries and dead-letters are written at
+  once.
 - 401/403 pause every lane; one probe at a time, on the backoff schedule, until Cartrack
   accepts our key again.
 """
@@ -29,13 +29,14 @@ from dataclasses import dataclass
 
 import structlog
 
+from relay.acks import Acks
 from relay.cartrack import CartrackClient, Outcome, Verdict, backoff_delay, retry_delay
 from relay.config import RetryConfig
 from relay.mapping import with_vin
 from relay.metrics import RelayMetrics
 from relay.outbox.storage import Outbox, OutboxRow
 from relay.repeats import RepeatLog, RepeatSummariser
-from relay.timeutil import Clock, format_ms, parse_instant, system_clock
+from relay.timeutil import Clock, format_ms, parse_instant, sleep_unless, system_clock
 
 log = structlog.get_logger("relay.forwarder")
 
@@ -43,14 +44,8 @@ log = structlog.get_logger("relay.forwarder")
 # slot, so this times the number of vehicles with a backlog bounds the memory.
 LANE_BATCH = 20
 RESCAN_SECONDS = 5.0
-# Delivered rows are marked sent at most this long after Cartrack accepted them, or as
-# soon as ACK_BATCH of them wait. Fewer, bigger transactions: every commit rewrites the
-# pages it touched in the WAL and waits for fsync, and rows of one vehicle share pages.
-# The price: a crash re-sends up to this window of events (Cartrack answers 409).
-ACK_FLUSH_SECONDS = 0.05
 # relay_state's key while sending is paused (`status` lists relay_state).
 PAUSED_KEY = "forwarder_paused"
-ACK_BATCH = 2000
 # Timers may fire a hair early: re-check, but boundedly (a frozen test clock must not spin).
 _DUE_CHECKS = 3
 
@@ -129,10 +124,7 @@ class Forwarder:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._acks: list[tuple[int, int | None]] = []
-        self._unacked: set[int] = set()
-        self._ack_ready = asyncio.Event()
-        self._ack_full = asyncio.Event()  # ACK_BATCH acks wait, or stopping: flush now
+        self.acks = Acks(outbox, self._stopping, self.stats, self.failures, retry.initial_seconds)
         self._fatal: BaseException | None = None
 
     # -- control -------------------------------------------------------------------------
@@ -156,7 +148,7 @@ class Forwarder:
     async def run(self) -> None:
         """Dispatch lanes until stopped; raises if a lane or the flusher hits a bug."""
         loop = asyncio.get_running_loop()
-        flusher = asyncio.create_task(self._flush_loop(), name="forwarder-flusher")
+        flusher = asyncio.create_task(self.acks.run(), name="forwarder-flusher")
         flusher.add_done_callback(lambda _: self._wake.set())
         try:
             # A pause recorded by a run that died paused; this run finds out afresh.
@@ -186,23 +178,22 @@ class Forwarder:
                     if vehicle_id not in self._lanes:
                         self._start_lane(vehicle_id)
                 self._wake.clear()
-                await _wait_stop(self._wake, max(0.0, next_rescan - loop.time()))
+                await sleep_unless(self._wake, max(0.0, next_rescan - loop.time()))
         finally:
             await self._drain(flusher)
 
     async def stop(self) -> None:
         self._stopping.set()
-        self._ack_full.set()
+        self.acks.hurry()
         self._wake.set()
 
     async def flush_acks(self) -> None:
         """Record delivered rows as sent now (before their vehicle's rows are held)."""
-        if self._acks:
-            await self._flush_once()
+        await self.acks.flush()
 
     async def _drain(self, flusher: asyncio.Task[None]) -> None:
         self._stopping.set()
-        self._ack_full.set()
+        self.acks.hurry()
         try:
             lanes = list(self._lanes.values())
             if lanes:
@@ -216,10 +207,9 @@ class Forwarder:
             for lane in lanes:
                 lane.cancel()
             await asyncio.gather(*lanes, return_exceptions=True)
-            self._ack_ready.set()
+            self.acks.wake()
             await asyncio.gather(flusher, return_exceptions=True)
-            if self._acks:
-                await self._flush_once()
+            await self.acks.flush()
 
     # -- lanes ---------------------------------------------------------------------------
 
@@ -262,7 +252,7 @@ class Forwarder:
             self._dirty.discard(vehicle_id)
             # Delivered rows whose ack is not flushed yet still read as pending: skip
             # this lane's own (only its own: other vehicles' acks cost it nothing).
-            delivered = [row_id for row_id in delivered if row_id in self._unacked]
+            delivered = [row_id for row_id in delivered if row_id in self.acks.unacked]
             rows = await self._next_rows(vehicle_id, delivered)
             if not rows:
                 if vehicle_id in self._dirty:
@@ -289,7 +279,7 @@ class Forwarder:
         skip = delivered if len(delivered) <= 4 * LANE_BATCH else []
         while True:
             fetched = await self.outbox.next_rows(vehicle_id, limit, skip)
-            rows = [row for row in fetched if row.id not in self._unacked][:LANE_BATCH]
+            rows = [row for row in fetched if row.id not in self.acks.unacked][:LANE_BATCH]
             if rows or len(fetched) < limit:
                 return rows
             # A full read of delivered rows (an earlier lane's, not flushed yet): the
@@ -310,7 +300,7 @@ class Forwarder:
             delay = due - self.clock()
             if delay <= 0:
                 break
-            if await _wait_stop(self._stopping, delay):
+            if await sleep_unless(self._stopping, delay):
                 return False
         return not self._stopping.is_set()
 
@@ -348,11 +338,7 @@ class Forwarder:
             if outcome.verdict is Verdict.SENT:
                 self.stats["sent"] += 1
                 self.metrics.event_sent()
-                self._acks.append((row.id, outcome.status))
-                self._unacked.add(row.id)
-                self._ack_ready.set()
-                if len(self._acks) >= ACK_BATCH:
-                    self._ack_full.set()
+                self.acks.add(row.id, outcome.status)
                 return _Done.DELIVERED
             if outcome.verdict is Verdict.REJECTED:
                 self.stats["failed"] += 1
@@ -450,7 +436,7 @@ class Forwarder:
                 if pause is None:
                     continue
                 delay = pause.probe_at - self.clock()
-                if delay > 0 and await _wait_stop(self._stopping, delay):
+                if delay > 0 and await sleep_unless(self._stopping, delay):
                     return None
                 if self._stopping.is_set():
                     return None
@@ -497,46 +483,6 @@ class Forwarder:
             detail=outcome.detail[:200],
         )
 
-    # -- acknowledgements ----------------------------------------------------------------
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._ack_ready.wait()
-            if len(self._acks) < ACK_BATCH and not self._stopping.is_set():
-                await _wait_stop(self._ack_full, ACK_FLUSH_SECONDS)
-            self._ack_ready.clear()
-            self._ack_full.clear()
-            if self._acks:
-                try:
-                    await self._flush_once()
-                except sqlite3.OperationalError as exc:
-                    # Rows stay pending and excluded from lanes; try again shortly.
-                    self.stats["storage_errors"] += 1
-                    # Retried every retry.initial_seconds while the disk stays full:
-                    # the first line in full, then one summary per window.
-                    self.failures.log(
-                        "error",
-                        "ack_flush_failed",
-                        ("error",),
-                        error=str(exc),
-                        rows=len(self._acks),
-                    )
-                    if await _wait_stop(self._stopping, self.retry.initial_seconds):
-                        return
-                    self._ack_ready.set()
-            if self._stopping.is_set():
-                return  # _drain flushes what the last lanes acknowledge
-
-    async def _flush_once(self) -> None:
-        acks, self._acks = self._acks, []
-        try:
-            await self.outbox.mark_sent(acks)
-            self.stats["ack_flushes"] += 1
-        except BaseException:
-            self._acks[:0] = acks
-            raise
-        self._unacked.difference_update(row_id for row_id, _ in acks)
-
 
 def _due_seconds(next_attempt_at: str) -> float:
     """Epoch seconds of a row's next_attempt_at (read for every row sent).
@@ -550,12 +496,3 @@ def _due_seconds(next_attempt_at: str) -> float:
 def _describe(outcome: Outcome) -> str:
     status = "no response" if outcome.status is None else f"HTTP {outcome.status}"
     return f"{status}: {outcome.detail[:500]}"
-
-
-async def _wait_stop(stop: asyncio.Event, timeout: float) -> bool:
-    """Sleep up to ``timeout``; True if ``stop`` was set meanwhile."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True

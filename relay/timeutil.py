@@ -1,4 +1,5 @@
-"""Time: one injectable clock and the one text format the outbox and Cartrack use.
+"""Time: one injectable clock, the one text format the outbox and Cartrack use, and a
+sleep that an event cuts short.
 
 Instants travel through the relay as integer milliseconds since the epoch (UTC), which
 makes ordering and arithmetic exact; they are stored and sent as ISO-8601 text that
@@ -8,6 +9,7 @@ order in SQLite and two spellings of one instant give one ``provider_event_id``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -92,3 +94,12 @@ def format_epoch(seconds: float) -> str:
 
 def now_iso(clock: Clock = system_clock) -> str:
     return format_epoch(clock())
+
+
+async def sleep_unless(event: asyncio.Event, timeout: float) -> bool:
+    """Sleep up to ``timeout`` seconds; True (at once) if ``event`` is set meanwhile."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
