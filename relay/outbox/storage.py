@@ -31,6 +31,19 @@ from relay.outbox.writer import WRITER_AUTOCHECKPOINT_PAGES, GroupWriter, chunks
 from relay.timeutil import Clock, format_ms, system_clock
 
 _CHUNK = 500  # bound on SQL variables per statement
+# Rows one statement of hold_vehicle or release_held changes at most. The writer keeps
+# SQLite's statement journals in memory (writer_pragmas), and a statement's journal
+# holds every page it changes that existed before it: one UPDATE over a vehicle's
+# whole backlog took ~440 MB of memory for 100,000 rows spread through a 1M-row outbox.
+ROWS_PER_UPDATE = 500
+_HOLD = (
+    "UPDATE positions SET status = 'held', updated_at = ? WHERE id IN (SELECT id"
+    " FROM positions WHERE status = 'pending' AND vehicle_id = ? LIMIT ?)"
+)
+_RELEASE = (
+    "UPDATE positions SET status = 'pending', updated_at = ? WHERE id IN (SELECT id"
+    " FROM positions WHERE status = 'held' AND vehicle_id = ? LIMIT ?)"
+)
 WRITER_CACHE_KIB = 32 * 1024
 
 # Vehicles with pending rows, as a loose index scan in one statement: each step seeks
@@ -269,11 +282,12 @@ class Outbox:
 
     async def hold_vehicle(self, vehicle_id: str) -> int:
         """Park a vehicle's pending rows: its VIN left the vehicle map."""
-        return await self._update(
-            "UPDATE positions SET status = 'held', updated_at = ?"
-            " WHERE status = 'pending' AND vehicle_id = ?",
-            (self.now(), vehicle_id),
-        )
+        now = self.now()
+
+        def work(conn: sqlite3.Connection) -> int:
+            return _update_in_chunks(conn, _HOLD, (now, vehicle_id))
+
+        return await self._write(work)
 
     async def release_held(self, vehicle_ids: Iterable[str]) -> dict[str, int]:
         """Held rows of now-mapped vehicles become pending; returns counts by vehicle."""
@@ -290,12 +304,8 @@ class Outbox:
                     chunk,
                 ):
                     released[vid] = n
-            if released:
-                conn.executemany(
-                    "UPDATE positions SET status = 'pending', updated_at = ?"
-                    " WHERE status = 'held' AND vehicle_id = ?",
-                    [(now, vid) for vid in released],
-                )
+            for vid in released:
+                _update_in_chunks(conn, _RELEASE, (now, vid))
             return released
 
         return await self._write(work)
@@ -360,6 +370,19 @@ def _open_reader(path: Path) -> sqlite3.Connection:
     reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     reader.execute("PRAGMA query_only = 1")
     return reader
+
+
+def _update_in_chunks(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> int:
+    """Run ``sql`` (an UPDATE of up to its last parameter's rows) until it changes fewer.
+
+    In the caller's transaction: the whole change still commits or rolls back as one.
+    """
+    total = 0
+    while True:
+        changed = conn.execute(sql, (*params, ROWS_PER_UPDATE)).rowcount
+        total += changed
+        if changed < ROWS_PER_UPDATE:
+            return total
 
 
 def _not_in(count: int) -> str:
