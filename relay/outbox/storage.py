@@ -94,7 +94,10 @@ def writer_pragmas() -> list[str]:
         # Alternating (23 Nov): 8 senders 49.7k against 47.8k positions/s (ahead in 6
         # of 8 pairs), 24.4 against 25.7 ms of CPU per 1,000; 32 senders 65.4k against
         # 58.7k (4 of 4), 19.4 against 21.7 ms; forwarding at c=64 even (17.0k against
-        # 16.8k events/s) at 5% less CPU per event.
+        # 16.8k events/s) at 5% less CPU per event. The memory a journal takes is as
+        # big as its statement's changes: every statement of the writer changes a
+        # bounded number of rows (writer.ROWS_PER_STATEMENT, ROWS_PER_UPDATE, the
+        # forwarder's ACK_BATCH, purge_sent's chunk), and must go on doing so.
         "PRAGMA temp_store = MEMORY",
     ]
 
