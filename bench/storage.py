@@ -38,7 +38,7 @@ from relay.outbox.schema import connect
 from relay.outbox.states import VehicleStates
 from relay.outbox.storage import WRITER_CACHED_STATEMENTS, Outbox, writer_pragmas
 from relay.outbox.writer import Job, run_group
-from relay.serve import GC_YOUNG_THRESHOLD, SWITCH_INTERVAL
+from relay.serve import SWITCH_INTERVAL, tune_gc
 
 MAX_FUTURE_MS = 86_400_000  # frotcom.max_future_seconds' default; the bodies are in the past
 
@@ -133,9 +133,7 @@ def _as_serve() -> Iterator[None]:
     interval = sys.getswitchinterval()
     threshold = gc.get_threshold()
     sys.setswitchinterval(SWITCH_INTERVAL)
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *threshold[1:])
+    tune_gc()
     try:
         yield
     finally:
