@@ -13,8 +13,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall when the package metadata or the C hot path changes (pip builds
-# relay/_rows.c in place); -e keeps the venv on the working tree.
-$(STAMP): $(BIN)/python setup.cfg setup.py pyproject.toml relay/_rows.c
+# relay/_rows.c and relay/_sqlrun.c in place); -e keeps the venv on the working tree.
+$(STAMP): $(BIN)/python setup.cfg setup.py pyproject.toml relay/_rows.c relay/_sqlrun.c
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 

@@ -6,4 +6,9 @@ relay runs the same code in Python (relay/frotcom.py says which path a body take
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("relay._rows", ["relay/_rows.c"], optional=True)])
+setup(
+    ext_modules=[
+        Extension("relay._rows", ["relay/_rows.c"], optional=True),
+        Extension("relay._sqlrun", ["relay/_sqlrun.c"], optional=True),
+    ]
+)

@@ -40,6 +40,7 @@ from relay.cli import EXIT_RUNTIME, CliError
 from relay.config import Config, ConfigError, ServerConfig, load_config
 from relay.heap import tune_malloc
 from relay.logging import register_secrets
+from relay.outbox import connection
 from relay.sdnotify import notify, reloading_message, watchdog, watchdog_interval
 from relay.state import STATE
 
@@ -222,6 +223,9 @@ async def _run(
             # "python": relay/_rows.c was not built (no C compiler at install); the same
             # rows, at about a tenth more CPU per position (bench/README.md, sixth pass).
             hot_path=frotcom.hot_path(),
+            # "compiled": the writer's WAL and statements through relay/_sqlrun.c; else
+            # why not, and the writer runs on the sqlite3 module alone (eighth pass).
+            outbox_writer=connection.native(),
         )
         notify("READY=1\nSTATUS=accepting webhooks")
         signals.started.set()

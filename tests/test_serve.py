@@ -32,6 +32,7 @@ from proc import RelayProcess, console_script
 from relay import frotcom
 from relay.config import ConfigError, ServerConfig
 from relay.devtools.fake_cartrack import FakeCartrack, Response, validate_event
+from relay.outbox import connection
 from relay.outbox.schema import connect
 from relay.serve import GC_YOUNG_THRESHOLD, tls_context, tune_gc
 
@@ -583,6 +584,9 @@ async def test_the_started_event_names_the_hot_path(
     started = await spawn().start()
     assert started["hot_path"] == ("python" if frotcom._rows is None else "compiled")
     assert started["hot_path"] == frotcom.hot_path()
+    # ... and "compiled" here that the writer's WAL and statements go through _sqlrun.c.
+    assert started["outbox_writer"] == connection.native()
+    assert started["outbox_writer"] == "compiled" or "python (" in started["outbox_writer"]
 
 
 def test_gc_after_start_leaves_startup_objects_out_and_collects_less_often() -> None:

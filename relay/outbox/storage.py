@@ -25,6 +25,7 @@ import aiosqlite
 
 from relay.frotcom import Batch
 from relay.outbox.batch import StoreResult, batch_job
+from relay.outbox.connection import WriterConnection, writer_database
 from relay.outbox.schema import BUSY_TIMEOUT_MS, OutboxError, connect, status_counts
 from relay.outbox.states import VehicleStates
 from relay.outbox.writer import WRITER_AUTOCHECKPOINT_PAGES, GroupWriter, chunks, padded_in
@@ -161,11 +162,14 @@ class Outbox:
         try:
             # check_same_thread: groups run in the writer's thread, the PRAGMAs below
             # and close() in aiosqlite's, never at the same time.
+            database, uri = writer_database(path)
             conn = await aiosqlite.connect(
-                path,
+                database,
+                uri=uri,
                 isolation_level=None,
                 check_same_thread=False,
                 cached_statements=WRITER_CACHED_STATEMENTS,
+                factory=WriterConnection,
             )
         except sqlite3.Error as exc:
             raise OutboxError(f"{path}: cannot open: {exc}") from None

@@ -11,7 +11,9 @@ works beside the event loop while the loop parses the next requests. Every state
 there hands the GIL over and must win it back from the loop, so jobs use a handful of
 multi-row statements (insert_rows), never one per row: measured, executemany from a
 thread beside a saturated loop is 9-46x slower than one multi-row INSERT
-(bench.findings).
+(bench.findings). Those statements, BEGIN and COMMIT go through the writer's own
+connection (relay.outbox.connection), which runs them in C and writes each commit's
+WAL in one go where relay/_sqlrun.c was built.
 
 WAL checkpoints run on a connection of their own beside the writer, not inside its
 COMMIT where every waiting webhook would wait for them too.
@@ -33,6 +35,8 @@ from typing import Any, Protocol, TypeVar
 
 import aiosqlite
 import structlog
+
+from relay.outbox.connection import execute, execute_rows
 
 T = TypeVar("T")
 log = structlog.get_logger("relay.outbox")
@@ -270,7 +274,7 @@ def run_group(
         return [], [], 0
     before = conn.total_changes
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        execute(conn, "BEGIN IMMEDIATE")
     except Exception as exc:
         return [(job, exc) for job in live], [], 0
     committed = False
@@ -314,7 +318,7 @@ def run_group(
                     lost = [(j, cause) for j, _ in outcomes] + [(job, cause)]
                     return lost, live[n + 1 :], 0
                 outcomes.append((job, outcome))
-        conn.execute("COMMIT")
+        execute(conn, "COMMIT")
         committed = True
     except Exception as exc:
         # A failed COMMIT (disk full, I/O error) may already have rolled back.
@@ -402,13 +406,9 @@ def insert_flat(conn: sqlite3.Connection, template: str, width: int, values: lis
     step = ROWS_PER_STATEMENT * width
     pad = template.startswith("INSERT OR IGNORE ")
     for start in range(0, len(values), step):
-        chunk = values[start : start + step]
-        rows = len(chunk) // width
-        if pad:
-            size = padded_size(rows)
-            chunk += chunk[:width] * (size - rows)
-            rows = size
-        conn.execute(_statement(template, width, rows), chunk)
+        rows = min(len(values) - start, step) // width
+        size = padded_size(rows) if pad else rows
+        execute_rows(conn, _statement(template, width, size), values, start, rows, width)
     return conn.total_changes - before
 
 
