@@ -472,7 +472,9 @@ typedef struct {
 
 static sqlite3_vfs *base_vfs;
 static sqlite3_vfs shim_vfs;
-static sqlite3_io_methods shim_methods;
+/* By the default VFS file's own version (1-3): SQLite calls the shm and mmap methods
+ * only on files whose methods are new enough, so neither do we. */
+static sqlite3_io_methods shim_methods[4];
 
 static int
 flush(ShimFile *f)
@@ -660,7 +662,14 @@ vfs_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags, int 
     f->wal = (flags & SQLITE_OPEN_WAL) != 0;
     int rc = base_vfs->xOpen(base_vfs, name, f->real, flags, out_flags);
     /* SQLite closes a file whose pMethods is set, even when its open failed. */
-    f->base.pMethods = f->real->pMethods != NULL ? &shim_methods : NULL;
+    const sqlite3_io_methods *real = f->real->pMethods;
+    if (real == NULL) {
+        f->base.pMethods = NULL;
+    }
+    else {
+        int version = real->iVersion < 1 ? 1 : (real->iVersion > 3 ? 3 : real->iVersion);
+        f->base.pMethods = &shim_methods[version];
+    }
     return rc;
 }
 
@@ -750,7 +759,7 @@ register_vfs(PyObject *self, PyObject *unused)
             PyErr_SetString(PyExc_OSError, "the default SQLite VFS is older than version 2");
             return NULL;
         }
-        shim_methods = (sqlite3_io_methods){
+        shim_methods[3] = (sqlite3_io_methods){
             .iVersion = 3, .xClose = shim_close, .xRead = shim_read, .xWrite = shim_write,
             .xTruncate = shim_truncate, .xSync = shim_sync, .xFileSize = shim_file_size,
             .xLock = shim_lock, .xUnlock = shim_unlock, .xCheckReservedLock = shim_reserved,
@@ -759,6 +768,10 @@ register_vfs(PyObject *self, PyObject *unused)
             .xShmLock = shim_shm_lock, .xShmBarrier = shim_shm_barrier,
             .xShmUnmap = shim_shm_unmap, .xFetch = shim_fetch, .xUnfetch = shim_unfetch,
         };
+        for (int version = 1; version < 3; version++) {
+            shim_methods[version] = shim_methods[3];
+            shim_methods[version].iVersion = version;
+        }
         shim_vfs = (sqlite3_vfs){
             .iVersion = 2, .szOsFile = (int)sizeof(ShimFile) + base->szOsFile,
             .mxPathname = base->mxPathname, .zName = "relay-wal", .xOpen = vfs_open,
