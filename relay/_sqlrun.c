@@ -64,6 +64,7 @@ static struct {
     const char *(*errmsg)(sqlite3 *);
     const char *(*libversion)(void);
     char *(*mprintf)(const char *, ...);
+    struct sqlite3_file *(*database_file_object)(const char *);
     struct sqlite3_vfs *(*vfs_find)(const char *);
     int (*vfs_register)(struct sqlite3_vfs *, int);
 } api;
@@ -143,6 +144,7 @@ link_sqlite(PyObject *self, PyObject *args)
         {(void **)&api.errmsg, "sqlite3_errmsg"},
         {(void **)&api.libversion, "sqlite3_libversion"},
         {(void **)&api.mprintf, "sqlite3_mprintf"},
+        {(void **)&api.database_file_object, "sqlite3_database_file_object"},
         {(void **)&api.vfs_find, "sqlite3_vfs_find"},
         {(void **)&api.vfs_register, "sqlite3_vfs_register"},
     };
@@ -392,12 +394,21 @@ static PyTypeObject StatementType = {
  * (up to 128 KiB a call) when SQLite next syncs, reads, sizes, truncates or closes
  * the WAL, or writes elsewhere in it.
  *
- * That is safe only because every commit syncs the WAL before it publishes its
- * frames in the wal-index (the -shm): no reader, in this process or another, is told
- * of a frame still in the buffer; a transaction that rolls back leaves frames past
- * the last commit, as it would have written them; a write that fails is reported by
- * the sync, which fails the commit. A commit syncs only at synchronous=FULL or EXTRA,
- * so the main database file's shim refuses any PRAGMA synchronous below FULL. */
+ * What other connections see is what the default VFS gives them, because the
+ * buffer is always written before the connection lets them see or write the WAL:
+ * - a commit syncs the WAL (synchronous=FULL) before it publishes its frames in the
+ *   wal-index (the -shm), and the sync writes the buffer first; a write that fails
+ *   is reported by that sync, which fails the commit;
+ * - frames that a big transaction spilled before its COMMIT, and that a ROLLBACK then
+ *   abandoned, are written when the connection gives up the WAL's write lock (an
+ *   xShmLock on the main database file), as the default VFS would have written them
+ *   before; else another writer's committed frames at the same offsets would be
+ *   overwritten by them later (tests/test_connection.py does exactly that);
+ * - and before every shm barrier, so that even a commit that did not sync could not
+ *   publish a frame still in the buffer.
+ * The main database file's shim finds its WAL's with sqlite3_database_file_object(),
+ * and refuses any PRAGMA synchronous below FULL: the relay's acknowledgements rest
+ * on every commit's sync. */
 
 typedef long long sqlite3_int64;
 typedef struct sqlite3_file sqlite3_file;
@@ -461,14 +472,16 @@ struct sqlite3_vfs { /* sqlite3.h, version 3 */
  * with it, so it must not be handed more): 31 frames of 4 KiB pages. */
 #define WAL_BUFFER 0x1ffff
 
-typedef struct {
+typedef struct ShimFile ShimFile;
+struct ShimFile {
     sqlite3_file base;
-    sqlite3_file *real; /* the default VFS's file, just past this struct */
-    int wal;            /* 1: the WAL, whose writes are gathered; 0: the main database */
-    int used;           /* bytes waiting in buf */
+    sqlite3_file *real;  /* the default VFS's file, just past this struct */
+    ShimFile *partner;   /* the main database's WAL, or the WAL's main database */
+    int wal;             /* 1: the WAL, whose writes are gathered */
+    int used;            /* bytes waiting in buf */
     sqlite3_int64 start; /* the file offset of buf[0] */
     char *buf;
-} ShimFile;
+};
 
 static sqlite3_vfs *base_vfs;
 static sqlite3_vfs shim_vfs;
@@ -516,6 +529,10 @@ static int
 shim_close(sqlite3_file *file)
 {
     ShimFile *f = (ShimFile *)file;
+    if (f->partner != NULL) {
+        f->partner->partner = NULL;
+        f->partner = NULL;
+    }
     int rc = flush(f);
     int closed = f->real->pMethods->xClose(f->real);
     PyMem_RawFree(f->buf);
@@ -624,16 +641,27 @@ shim_shm_map(sqlite3_file *file, int page, int size, int extend, void volatile *
     PASSED(xShmMap(f->real, page, size, extend, pp));
 }
 
+#define SQLITE_SHM_UNLOCK 1
+
 static int
 shim_shm_lock(sqlite3_file *file, int offset, int n, int flags)
 {
-    PASSED(xShmLock(f->real, offset, n, flags));
+    ShimFile *f = (ShimFile *)file;
+    if ((flags & SQLITE_SHM_UNLOCK) && f->partner != NULL) {
+        /* Frames a rolled-back transaction spilled: what they were would have been
+         * written already; a failure to write them loses nothing committed. */
+        flush(f->partner);
+    }
+    return f->real->pMethods->xShmLock(f->real, offset, n, flags);
 }
 
 static void
 shim_shm_barrier(sqlite3_file *file)
 {
     ShimFile *f = (ShimFile *)file;
+    if (f->partner != NULL) {
+        flush(f->partner);
+    }
     f->real->pMethods->xShmBarrier(f->real);
 }
 
@@ -650,6 +678,13 @@ shim_unfetch(sqlite3_file *file, sqlite3_int64 offset, void *p)
 }
 
 static int
+is_shim(sqlite3_file *file)
+{
+    return file->pMethods == &shim_methods[1] || file->pMethods == &shim_methods[2] ||
+           file->pMethods == &shim_methods[3];
+}
+
+static int
 vfs_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags, int *out_flags)
 {
     if (!(flags & (SQLITE_OPEN_WAL | SQLITE_OPEN_MAIN_DB))) {
@@ -659,16 +694,23 @@ vfs_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *file, int flags, int 
     ShimFile *f = (ShimFile *)file;
     memset(f, 0, sizeof(*f));
     f->real = (sqlite3_file *)(f + 1);
-    f->wal = (flags & SQLITE_OPEN_WAL) != 0;
     int rc = base_vfs->xOpen(base_vfs, name, f->real, flags, out_flags);
     /* SQLite closes a file whose pMethods is set, even when its open failed. */
     const sqlite3_io_methods *real = f->real->pMethods;
     if (real == NULL) {
         f->base.pMethods = NULL;
+        return rc;
     }
-    else {
-        int version = real->iVersion < 1 ? 1 : (real->iVersion > 3 ? 3 : real->iVersion);
-        f->base.pMethods = &shim_methods[version];
+    int version = real->iVersion < 1 ? 1 : (real->iVersion > 3 ? 3 : real->iVersion);
+    f->base.pMethods = &shim_methods[version];
+    if (rc == SQLITE_OK && (flags & SQLITE_OPEN_WAL)) {
+        /* Gathered only with the main file's shim to write them at its unlocks. */
+        sqlite3_file *db = api.database_file_object(name);
+        if (db != NULL && is_shim(db)) {
+            f->partner = (ShimFile *)db;
+            f->partner->partner = f;
+            f->wal = 1;
+        }
     }
     return rc;
 }

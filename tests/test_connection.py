@@ -302,6 +302,37 @@ def test_the_vfs_takes_every_level_that_syncs_each_commit(
     assert writer.execute("PRAGMA synchronous").fetchone() == (value,)
 
 
+@native
+@pytest.mark.parametrize("rows", [60, 200])
+def test_frames_a_rollback_abandoned_never_overwrite_another_writers_commit(
+    tmp_path: Path, rows: int
+) -> None:
+    # A transaction bigger than its page cache spills frames to the WAL before any
+    # COMMIT; rolled back, it leaves them past the last commit, and the next writer
+    # (here another connection, as the CLI would be) writes its own commit at the same
+    # offsets. Frames still in the buffer then must not be written over it later.
+    path = tmp_path / "w.sqlite3"
+    writer = open_writer(path)
+    writer.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, k TEXT UNIQUE, v, n TEXT)")
+    writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the next frames start the WAL
+    writer.execute("PRAGMA cache_size = 10")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.executemany(
+        "INSERT INTO t (k, v, n) VALUES (?, ?, ?)",
+        [(f"u{i}", i, "y" * 1000) for i in range(rows)],
+    )
+    writer.execute("ROLLBACK")
+    other = sqlite3.connect(path, isolation_level=None)
+    _commit_rows(other, 50, first=1000)
+    other.close()
+    assert writer.execute("SELECT count(*) FROM t").fetchone() == (50,)
+    _commit_rows(writer, 1, first=0)
+    writer.close()
+    fresh = sqlite3.connect(path)
+    assert fresh.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert fresh.execute("SELECT count(*), sum(n = ?) FROM t", ["x" * 1000]).fetchone() == (51, 51)
+
+
 _KILLED = textwrap.dedent(
     """
     import os, signal, sqlite3, sys
