@@ -305,6 +305,7 @@ Statement_run(Statement *self, PyObject *args)
     if (held == NULL) {
         return PyErr_NoMemory();
     }
+    PyObject *result = NULL;
     int bound = 0;
     for (; bound < self->params; bound++) {
         Py_ssize_t i = bound < given ? bound : bound % width;
@@ -313,7 +314,7 @@ Statement_run(Statement *self, PyObject *args)
         held[bound] = value;
         if (bind_one(self, bound + 1, value) < 0) {
             bound++;
-            goto error;
+            goto done;
         }
     }
     int rc, changes = 0;
@@ -324,18 +325,15 @@ Statement_run(Statement *self, PyObject *args)
     if (rc == SQLITE_DONE) {
         changes = api.changes(self->db);
     }
-    else {
-        /* reset returns the step's error again; the message is read before it. */
-        rc = api.extended_errcode(self->db);
-    }
     Py_END_ALLOW_THREADS
-    PyObject *result = NULL;
     if (rc == SQLITE_DONE) {
         result = PyLong_FromLong(changes);
     }
     else {
-        fail(self->db, rc);
+        fail(self->db, rc); /* before reset, which clears the error's message */
     }
+
+done:
     api.reset(self->stmt);
     api.clear_bindings(self->stmt);
     for (int i = 0; i < bound; i++) {
@@ -343,15 +341,6 @@ Statement_run(Statement *self, PyObject *args)
     }
     PyMem_Free(held);
     return result;
-
-error:
-    api.reset(self->stmt);
-    api.clear_bindings(self->stmt);
-    for (int i = 0; i < bound; i++) {
-        Py_DECREF(held[i]);
-    }
-    PyMem_Free(held);
-    return NULL;
 }
 
 static PyObject *

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
 import socket
 import sqlite3
+import sysconfig
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -37,6 +39,12 @@ VEHICLES = {A: VIN, B: VIN2, C: VIN3}
 BASE_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 
 Start = Callable[..., Awaitable[TestClient]]
+
+
+def has_c_compiler() -> bool:
+    """Whether the install could build the package's C extensions (setup.py)."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc) is not None
 
 
 @pytest.fixture(autouse=True)

@@ -9,18 +9,17 @@ no way to turn off the per-commit sync it depends on.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import sysconfig
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import has_c_compiler
 
 from relay.outbox import connection
 from relay.outbox.connection import (
@@ -35,11 +34,6 @@ from relay.timeutil import format_ms
 from tests.outbox_helpers import NOW_MS, batch, position, store
 
 native = pytest.mark.skipif(connection.UNLINKED is not None, reason=str(connection.UNLINKED))
-
-
-def _compiler() -> bool:
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return shutil.which(cc) is not None
 
 
 def open_writer(path: Path) -> WriterConnection:
@@ -61,7 +55,7 @@ def writer(tmp_path: Path) -> Iterator[WriterConnection]:
 def test_the_writer_is_native_wherever_a_compiler_is() -> None:
     # setup.py marks the extension optional; where a compiler is, a writer on the sqlite3
     # module alone would be a silently slower relay.
-    if not _compiler():
+    if not has_c_compiler():
         pytest.skip("no C compiler: the writer runs on the sqlite3 module")
     assert connection.UNLINKED is None
     assert connection.native() == "compiled"

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
-import sysconfig
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from conftest import has_c_compiler
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -37,15 +36,10 @@ except ImportError:
     _rows = None  # type: ignore[assignment]
 
 
-def _compiler() -> bool:
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return shutil.which(cc) is not None
-
-
 def test_the_hot_path_is_built_wherever_a_compiler_is() -> None:
     # setup.py marks the extension optional so an install without a compiler still
     # works; where there is one, a missing module would mean a silently slower relay.
-    if not _compiler():
+    if not has_c_compiler():
         pytest.skip("no C compiler: the relay runs its Python rows")
     assert _rows is not None, "relay._rows was not built: run `pip install -e .` again"
     assert frotcom._rows is _rows
